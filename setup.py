@@ -1,0 +1,40 @@
+"""l2r: measuring representational forgetting and learning update rules that avoid it."""
+
+import setuptools
+
+setuptools.setup(
+    name="l2r",
+    version="0.1.0",
+    description=(
+        "Learning to Remember from a Multi-Task Teacher: representational forgetting probes and "
+        "learned weight-update rules in JAX/Flax."
+    ),
+    license="Apache-2.0",
+    packages=setuptools.find_packages(include=["l2r", "l2r.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "jaxlib>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.90",
+        "absl-py>=2.1",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "pillow>=10",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        # tensorflow-datasets 4.9.10 on Python 3.11 fails to import its builders without it.
+        "tensorflow-datasets>=4.9.6",
+        "importlib_resources>=6",
+        "scikit-learn>=1.4",  # load_digits(), and the readout baseline in the benchmarks.
+    ],
+    extras_require={
+        # Preparing TFDS datasets (download + conversion) needs TensorFlow; reading prepared
+        # data with tfds.data_source does not.
+        "tfds": ["tensorflow>=2.16"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "bench": ["torch==2.13.0"],
+    },
+)
