@@ -1,0 +1,49 @@
+r"""Runs one l2r experiment from a config file.
+
+  python -m experiments.run --config=experiments/configs/fig1.py:cpu --workdir=/tmp/fig1
+  python -m experiments.run --config=experiments/configs/fig1.py:smoke --workdir=/tmp/s \
+      --config.task_b.steps=40 --overwrite
+
+`--config.<field>=value` overrides any field; an unknown field is an error.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from l2r import workdir as workdir_lib
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and logs.")
+flags.DEFINE_bool("overwrite", False, "Replace finished results already in --workdir.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+PIPELINES = {"fig1": "l2r.forgetting"}
+
+
+def main(argv):
+    del argv
+    config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
+    if config.experiment not in PIPELINES:
+        raise app.UsageError(f"No pipeline for experiment {config.experiment!r}.")
+    import importlib
+
+    from l2r.data.sources import DataError
+    from l2r.experiment import ConfigError
+
+    pipeline = importlib.import_module(PIPELINES[config.experiment])
+    try:
+        pipeline.check_config(config)  # Cheap checks before the workdir is touched.
+        with workdir_lib.locked(workdir, FLAGS.overwrite):
+            pipeline.run(config, workdir)
+    except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

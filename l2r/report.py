@@ -1,0 +1,338 @@
+"""Reporting: turns an experiment's results dict into JSON, markdown, plots and TensorBoard.
+
+The runner produces a results dict (see `write_report`) whose per-method metrics are arrays of
+shape [S, P]: S seeds by P probe steps. Accuracies are fractions in [0, 1] and are shown in
+percent; every statistic is mean ± std over seeds.
+"""
+
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+
+import matplotlib
+import numpy as np
+from absl import logging
+from matplotlib.figure import Figure
+
+# Metrics with these prefixes are accuracies in [0, 1], displayed in percent.
+_PERCENT_PREFIXES = ("readout_", "original_")
+
+
+def to_jsonable(obj):
+    """Recursively converts numpy/jax arrays and scalars to lists/floats; NaN and ±inf -> None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, type(None))):
+        return obj
+    if hasattr(obj, "__array__"):  # numpy and jax arrays and numpy scalars alike.
+        return to_jsonable(np.asarray(obj).tolist())
+    if isinstance(obj, float):
+        # Strict JSON has no NaN/Infinity; null keeps the file readable by any parser.
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def _atomic_write(path, data: bytes) -> str:
+    """Writes `data` to `path` through a temp file in the same dir: never leaves half a file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # Atomic on POSIX when source and target share a filesystem.
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_results_json(results, workdir) -> str:
+    """Atomically writes `results` to `<workdir>/results.json` and returns the path."""
+    os.makedirs(workdir, exist_ok=True)
+    text = json.dumps(to_jsonable(results), indent=2, allow_nan=False)
+    return _atomic_write(os.path.join(workdir, "results.json"), text.encode())
+
+
+def _metric(results, method: str, name: str) -> np.ndarray:
+    """Returns metric `name` of `method` as a float array [S, P] (a lone curve [P] gets S=1)."""
+    return np.atleast_2d(np.asarray(results["methods"][method][name], dtype=np.float64))
+
+
+def _mean_std(x_SxP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample std (ddof=1; 0 with a single seed) over the seed axis."""
+    ddof = 1 if x_SxP.shape[0] > 1 else 0
+    return x_SxP.mean(axis=0), x_SxP.std(axis=0, ddof=ddof)
+
+
+def _is_percent(metric: str) -> bool:
+    return metric.startswith(_PERCENT_PREFIXES)
+
+
+def _fmt(mean: float, std: float, percent: bool) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.3f} ± {std:.3f}"
+
+
+def _metric_names(results) -> list[str]:
+    """All metric names over all methods, in first-seen order."""
+    names = {}
+    for metrics in results["methods"].values():
+        names.update(dict.fromkeys(metrics))
+    return list(names)
+
+
+def _step_index(results, step) -> int:
+    steps = list(results["steps"])
+    if step is None:
+        return len(steps) - 1
+    if step not in steps:
+        raise ValueError(f"step {step} is not a probe step; probe steps are {steps}")
+    return steps.index(step)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(results, step=None) -> str:
+    """Markdown table of every metric per method at probe `step` (default: the last one).
+
+    Besides the raw metrics, `forgetting_A` (and `forgetting_orig_A`) is the drop in readout_A
+    (original_A) accuracy from the first probe step to `step`, in points, as mean ± std of the
+    per-seed differences.
+    """
+    p = _step_index(results, step)
+    metrics = _metric_names(results)
+    derived = [
+        (m, f)
+        for m, f in [("readout_A", "forgetting_A"), ("original_A", "forgetting_orig_A")]
+        if m in metrics
+    ]
+    header = ["method"] + [f"{m} (%)" if _is_percent(m) else m for m in metrics]
+    header += [f"{f} (pts)" for _, f in derived]
+    rows = []
+    for method, values in results["methods"].items():
+        row = [method]
+        for m in metrics:
+            if m not in values:
+                row.append("—")
+                continue
+            mean, std = _mean_std(_metric(results, method, m)[:, p : p + 1])
+            row.append(_fmt(mean[0], std[0], _is_percent(m)))
+        for m, _ in derived:
+            if m not in values:
+                row.append("—")
+                continue
+            x = _metric(results, method, m)
+            mean, std = _mean_std(x[:, :1] - x[:, p : p + 1])
+            row.append(_fmt(mean[0], std[0], percent=True))
+        rows.append(row)
+    n_seeds = len(results.get("seeds", []))
+    note = (
+        f"Step {results['steps'][p]}; mean ± std over {n_seeds} seeds "
+        "(sample std, ddof=1); accuracies and forgetting in percent / points."
+    )
+    return note + "\n\n" + _table(header, rows)
+
+
+def curves_table(results, metric: str) -> str:
+    """Markdown table of `metric`: rows are probe steps, columns are methods, mean ± std."""
+    methods = [m for m, v in results["methods"].items() if metric in v]
+    stats = [_mean_std(_metric(results, m, metric)) for m in methods]
+    rows = [
+        [str(s)] + [_fmt(mean[i], std[i], _is_percent(metric)) for mean, std in stats]
+        for i, s in enumerate(results["steps"])
+    ]
+    unit = " (%)" if _is_percent(metric) else ""
+    return f"**{metric}{unit}**\n\n" + _table(["step"] + methods, rows)
+
+
+def write_markdown(results, workdir, title=None) -> str:
+    """Writes `<workdir>/results.md`: title, setup line, summary table and accuracy curves."""
+    os.makedirs(workdir, exist_ok=True)
+    steps, seeds = list(results["steps"]), list(results.get("seeds", []))
+    title = title or f"l2r results: {results.get('experiment', 'experiment')}"
+    setup = (
+        f"Experiment `{results.get('experiment')}`, preset `{results.get('preset')}`, "
+        f"{len(seeds)} seeds {seeds}, {len(steps)} probe steps from {steps[0]} to {steps[-1]}."
+    )
+    parts = [f"# {title}", setup, "## Summary", summary_table(results), "## Curves"]
+    metrics = _metric_names(results)
+    parts += [
+        curves_table(results, m) for m in ("readout_A", "original_A", "readout_B") if m in metrics
+    ]
+    return _atomic_write(os.path.join(workdir, "results.md"), ("\n\n".join(parts) + "\n").encode())
+
+
+def _save_figure(fig: Figure, path: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return _atomic_write(path, buf.getvalue())
+
+
+def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
+    """Plots Fig.-1-style curves (metric vs Task-B steps, shaded ± std over seeds) as PNGs.
+
+    Writes `{prefix}_task_A.png` and `{prefix}_task_B.png` (Readout solid, Original dashed) and,
+    when cka_* metrics exist, `{prefix}_cka.png`. Each method keeps its colour (by its position in
+    `results["methods"]`) across all figures. Uses `Figure` directly (Agg canvas, no pyplot
+    state), so it is safe headless and in threads.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    steps = np.asarray(results["steps"])
+    palette = matplotlib.colormaps["tab10"].colors
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(results["methods"])}
+    metrics = _metric_names(results)
+    styles = ["-", "--", ":", "-."]
+    figures = {
+        "task_A": (["readout_A", "original_A"], "Task A accuracy (%)"),
+        "task_B": (["readout_B", "original_B"], "Task B accuracy (%)"),
+        "cka": ([m for m in metrics if m.startswith("cka_")], "CKA to the pre-trained network"),
+    }
+    paths = []
+    for name, (wanted, ylabel) in figures.items():
+        present = [m for m in wanted if m in metrics]
+        if not present:
+            continue
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        for method in results["methods"]:
+            for j, metric in enumerate(present):
+                if metric not in results["methods"][method]:
+                    continue
+                scale = 100.0 if _is_percent(metric) else 1.0
+                mean, std = (scale * a for a in _mean_std(_metric(results, method, metric)))
+                label = f"{method} {metric}" if len(present) > 1 else method
+                ax.plot(steps, mean, styles[j % len(styles)], color=colours[method], label=label)
+                ax.fill_between(
+                    steps, mean - std, mean + std, color=colours[method], alpha=0.2, lw=0
+                )
+        ax.set(
+            xlabel="Task B steps",
+            ylabel=ylabel,
+            title=f"{results.get('experiment', '')}: mean ± std over {len(results['seeds'])} seeds",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        paths.append(_save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
+    return paths
+
+
+class ScalarWriter:
+    """Writes TensorBoard scalars with tensorboardX; usable as a context manager."""
+
+    def __init__(self, logdir):
+        from tensorboardX import SummaryWriter  # Lazy: only runs that log pay the import.
+
+        self._writer = SummaryWriter(logdir=os.fspath(logdir))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, float(value), global_step=int(step))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_curves_to_tensorboard(results, logdir) -> None:
+    """Logs the seed-mean of every method/metric at each probe step, tagged `<method>/<metric>`."""
+    means = {
+        f"{method}/{metric}": _mean_std(_metric(results, method, metric))[0]
+        for method, values in results["methods"].items()
+        for metric in values
+    }
+    with ScalarWriter(logdir) as writer:
+        for i, step in enumerate(results["steps"]):
+            writer.write(step, {tag: mean[i] for tag, mean in means.items()})
+
+
+def _format_duration(seconds: float) -> str:
+    """Formats seconds as e.g. '45s', '2m03s' or '1h02m03s'."""
+    s = int(round(seconds))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """Console progress with rate and ETA, logged via absl at most every `interval_s` seconds.
+
+    The rate is averaged over the whole run since construction; `start` excludes work done
+    before this process began (e.g. when resuming) from it.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        name: str,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        unit: str = "steps",
+        start: int = 0,
+    ):
+        self.total, self.name, self.interval_s, self.unit = total, name, interval_s, unit
+        self._clock, self._start = clock, start
+        self._t0 = self._last_log = clock()
+
+    def update(self, done: int, **metrics) -> str | None:
+        """Reports `done` units finished; returns the logged line, or None when throttled."""
+        now = self._clock()
+        if done < self.total and now - self._last_log < self.interval_s:
+            return None
+        self._last_log = now
+        elapsed = now - self._t0
+        rate = (done - self._start) / elapsed if elapsed > 0 else float("nan")
+        eta = _format_duration((self.total - done) / rate) if rate > 0 else "?"
+        # Slow loops (meta-training episodes) need significant digits, not one decimal.
+        rate_str = f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
+        line = (
+            f"[{self.name}] {done}/{self.total} ({100 * done // max(self.total, 1)}%) "
+            f"{rate_str} {self.unit}/s, ETA {eta}"
+        )
+        line += "".join(
+            f", {k}={v:.3f}" if isinstance(v, (float, np.floating)) else f", {k}={v}"
+            for k, v in metrics.items()
+        )
+        logging.info("%s", line)
+        return line
+
+
+def write_report(results, workdir, prefix: str = "fig1") -> dict[str, str]:
+    """Writes every artefact of `results` into `workdir` and returns {artefact: path}.
+
+    Artefacts: `json` (results.json), `markdown` (results.md), `tensorboard` (tb/) and one
+    entry per PNG, keyed by its file stem (e.g. `fig1_task_A`).
+
+    `results` holds "experiment", "preset", "config" (plain dict), "steps" (probe steps [P]),
+    "seeds" [S], "methods" ({method: {metric: [S, P] array}}, display order) and "timing".
+    """
+    os.makedirs(workdir, exist_ok=True)
+    artefacts = {
+        "json": write_results_json(results, workdir),
+        "markdown": write_markdown(results, workdir),
+    }
+    for path in plot_curves(results, workdir, prefix=prefix):
+        artefacts[os.path.splitext(os.path.basename(path))[0]] = path
+    tb_dir = os.path.join(os.fspath(workdir), "tb")
+    write_curves_to_tensorboard(results, tb_dir)
+    artefacts["tensorboard"] = tb_dir
+    return artefacts

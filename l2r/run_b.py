@@ -1,0 +1,168 @@
+"""Run Task-B learners over seeds and probe their representations along the way.
+
+Seeds are a vmapped axis; steps are a `lax.scan` over host-made index streams, run in chunks of
+`probe_every` steps (one compiled call each, the same shapes every time, so one compilation) with
+a probe between chunks. Every method sees exactly the same batches, head-B initialisation and
+pre-trained network for a given seed, so differences between methods are the methods'.
+"""
+
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2r import models, probe, report, rng, training
+from l2r.data import stream
+from l2r.methods import Batch, Method
+
+
+class ProbeSets(NamedTuple):
+    """Device-resident data the probe measures on (possibly subsampled for speed)."""
+
+    a: training.DeviceTask  # Task A: readout fit on .train, accuracy on .test
+    b: training.DeviceTask  # Task B
+    cka_size: int  # CKA uses the first cka_size Task-A test images
+
+
+def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int, num_b: int):
+    """Returns jitted probe(networks_S, sets, ref_rep_S) -> (metrics {name: [S]}, rep_S)."""
+
+    def represent(network, data_images, task):
+        return training.features(model.apply, network["backbone"], data_images, task.mean, task.std)
+
+    @functools.partial(jax.jit, static_argnames="cka_size")
+    def run(networks, sets_a, sets_b, ref_rep, cka_size):
+        rep = jax.vmap(lambda n: {
+            "a_train": represent(n, sets_a.train_images, sets_a),
+            "a_test": represent(n, sets_a.test_images, sets_a),
+            "b_train": represent(n, sets_b.train_images, sets_b),
+            "b_test": represent(n, sets_b.test_images, sets_b),
+        })(networks)
+        metrics = {
+            "readout_A": probe.readout_accuracies(
+                rep["a_train"], sets_a.train_labels, rep["a_test"], sets_a.test_labels, num_a,
+                readout_cfg,
+            ),
+            "readout_B": probe.readout_accuracies(
+                rep["b_train"], sets_b.train_labels, rep["b_test"], sets_b.test_labels, num_b,
+                readout_cfg,
+            ),
+            "original_A": jax.vmap(
+                lambda n, r: probe.head_accuracy(models.apply_head(n["head_a"], r), sets_a.test_labels)
+            )(networks, rep["a_test"]),
+            "head_B": jax.vmap(
+                lambda n, r: probe.head_accuracy(models.apply_head(n["head_b"], r), sets_b.test_labels)
+            )(networks, rep["b_test"]),
+        }
+        cka_rep = rep["a_test"][:, :cka_size]
+        ref = cka_rep if ref_rep is None else ref_rep
+        metrics["cka_A"] = jax.vmap(probe.linear_cka)(cka_rep, ref)
+        return metrics, cka_rep
+
+    def probe_fn(networks, sets: ProbeSets, ref_rep=None):
+        return run(networks, sets.a, sets.b, ref_rep, cka_size=sets.cka_size)
+
+    return probe_fn
+
+
+class Streams(NamedTuple):
+    """Host-made batch indices (and augmentation draws) for every seed and step."""
+
+    idx_b: np.ndarray  # int32 [S, T, B]
+    idx_a: np.ndarray | None  # int32 [S, T, Ba] for methods that see Task A
+    aug_b: training.Augment | None
+    aug_a: training.Augment | None
+
+
+def make_streams(config, n_b: int, n_a: int, num_seeds: int) -> Streams:
+    cfg = config.task_b
+    seeds_b = [rng.seed_for(config.seed, "task_b_data", s) for s in range(num_seeds)]
+    seeds_a = [rng.seed_for(config.seed, "task_b_teacher_data", s) for s in range(num_seeds)]
+    idx_b = stream.index_streams(n_b, cfg.batch_size, cfg.steps, seeds_b)
+    idx_a = stream.index_streams(n_a, cfg.teacher_batch_a, cfg.steps, seeds_a)
+    aug_b = aug_a = None
+    if config.data.augment:
+        aug_b = training.augment_streams(cfg.batch_size, cfg.steps, seeds_b)
+        aug_a = training.augment_streams(cfg.teacher_batch_a, cfg.steps, seeds_a)
+    return Streams(idx_b, idx_a, aug_b, aug_a)
+
+
+def make_advance(method: Method):
+    """Jitted (states_S, data_a, data_b, xs) -> (states_S, mean metrics [S]) over one chunk."""
+
+    def step(carry, xs):
+        state, data_a, data_b = carry
+        key, idx_b, idx_a, aug_b, aug_a = xs
+        x_b, y_b = training.gather(data_b, idx_b, aug_b)
+        x_a = y_a = None
+        if method.uses_task_a:
+            x_a, y_a = training.gather(data_a, idx_a, aug_a)
+        state, metrics = method.step(state, Batch(x_b, y_b, x_a, y_a), key)
+        return (state, data_a, data_b), metrics
+
+    @jax.jit
+    def advance(states, data_a, data_b, keys, idx_b, idx_a, aug_b, aug_a):
+        def one_seed(state, keys, idx_b, idx_a, aug_b, aug_a):
+            carry = (state, data_a, data_b)
+            (state, _, _), metrics = jax.lax.scan(step, carry, (keys, idx_b, idx_a, aug_b, aug_a))
+            return state, jax.tree.map(jnp.mean, metrics)
+
+        return jax.vmap(one_seed)(states, keys, idx_b, idx_a, aug_b, aug_a)
+
+    return advance
+
+
+def _chunk(tree, start, stop):
+    return None if tree is None else jax.tree.map(lambda a: a[:, start:stop], tree)
+
+
+def run_method(method: Method, networks0, data_a, data_b, streams: Streams, config, probe_fn,
+               probe_sets: ProbeSets, initial_probe):
+    """Runs `method` on Task B for every seed, probing every `task_b.probe_every` steps.
+
+    Args:
+      networks0: stacked initial networks [S, ...] ({'backbone','head_a','head_b'}).
+      initial_probe: (metrics {name: [S]}, reference CKA representation [S, n, D]) of the
+        networks before Task B, shared by all methods.
+
+    Returns:
+      ({metric: float array [S, P]} over probe steps 0, probe_every, ..., steps; seconds spent
+      training; seconds spent probing).
+    """
+    cfg = config.task_b
+    num_seeds = streams.idx_b.shape[0]
+    metrics0, ref_rep = initial_probe
+    base_keys = jnp.stack([rng.key_for(config.seed, f"task_b_{method.name}", s)
+                           for s in range(num_seeds)])
+    states = jax.vmap(method.init)(networks0, base_keys)
+    advance = make_advance(method)
+    history = {k: [np.asarray(v)] for k, v in metrics0.items()}
+    history["loss"] = [np.full(num_seeds, np.nan)]
+    train_s = probe_s = 0.0
+    progress = report.Progress(cfg.steps, f"task B {method.name} x{num_seeds}")
+    for start in range(0, cfg.steps, cfg.probe_every):
+        stop = start + cfg.probe_every
+        steps = jnp.arange(start, stop)
+        keys = jax.vmap(lambda k: jax.vmap(lambda t: jax.random.fold_in(k, t))(steps))(base_keys)
+        t0 = time.time()
+        states, step_metrics = advance(
+            states, data_a, data_b, keys, streams.idx_b[:, start:stop],
+            streams.idx_a[:, start:stop] if method.uses_task_a else None,
+            _chunk(streams.aug_b, start, stop),
+            _chunk(streams.aug_a, start, stop) if method.uses_task_a else None,
+        )
+        jax.block_until_ready(states)
+        t1 = time.time()
+        metrics, _ = probe_fn(jax.vmap(method.network)(states), probe_sets, ref_rep)
+        metrics = jax.device_get(metrics)
+        probe_s += time.time() - t1
+        train_s += t1 - t0
+        for k, v in metrics.items():
+            history[k].append(np.asarray(v))
+        history["loss"].append(np.asarray(step_metrics["loss"]))
+        progress.update(stop, loss=float(np.mean(step_metrics["loss"])),
+                        readout_A=float(np.mean(metrics["readout_A"])))
+    return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s

@@ -1,0 +1,78 @@
+"""Pieces every training loop shares: device-resident tasks, batch gathering and losses.
+
+Whole tasks live on the device as uint8 arrays; host-side index streams (`l2r.data.stream`) say
+which examples form each batch, and batches are gathered, normalised and (optionally) augmented
+inside the jitted scan body. Nothing is copied between host and device inside the loop.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from l2r.data import stream, tasks
+
+
+class DeviceTask(NamedTuple):
+    """A task's arrays on the device plus its normalisation (0..1 units, per channel)."""
+
+    train_images: jax.Array  # uint8 [N, H, W, C]
+    train_labels: jax.Array  # int32 [N]
+    test_images: jax.Array  # uint8 [M, H, W, C]
+    test_labels: jax.Array  # int32 [M]
+    mean: jax.Array  # float32 [C]
+    std: jax.Array  # float32 [C]
+
+
+class Augment(NamedTuple):
+    """Per-example augmentation draws for one batch (or a stack of them)."""
+
+    dy: jax.Array
+    dx: jax.Array
+    flip: jax.Array
+
+
+def to_device(task: tasks.Task, mean, std) -> DeviceTask:
+    return DeviceTask(
+        jnp.asarray(task.train.images),
+        jnp.asarray(task.train.labels, jnp.int32),
+        jnp.asarray(task.test.images),
+        jnp.asarray(task.test.labels, jnp.int32),
+        jnp.asarray(mean, jnp.float32),
+        jnp.asarray(std, jnp.float32),
+    )
+
+
+def gather(task: DeviceTask, idx_B: jax.Array, aug: Augment | None = None):
+    """Training batch `idx_B` of `task`: (normalised float images [B,H,W,C], labels [B])."""
+    x = stream.to_float(task.train_images[idx_B], task.mean, task.std)
+    if aug is not None:
+        x = stream.augment(x, aug.dy, aug.dx, aug.flip)
+    return x, task.train_labels[idx_B]
+
+
+def augment_streams(batch_size: int, num_steps: int, seeds) -> Augment:
+    """Stacked host-side augmentation draws, int32 [S, num_steps, batch_size] each."""
+    draws = [stream.augment_stream(batch_size, num_steps, s) for s in seeds]
+    return Augment(*(np.stack([d[k] for d in draws]) for k in ("dy", "dx", "flip")))
+
+
+def cross_entropy(logits_BK: jax.Array, labels_B: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BK, labels_B).mean()
+
+
+def accuracy(logits_BK: jax.Array, labels_B: jax.Array) -> jax.Array:
+    return (jnp.argmax(logits_BK, -1) == labels_B).mean()
+
+
+def features(apply_fn, backbone, images_u8, mean, std, chunk: int = 1000) -> jax.Array:
+    """Representations [N, D] of uint8 images, computed in chunks to bound memory."""
+    n = images_u8.shape[0]
+    pad = (-n) % chunk if n > chunk else 0
+    size = chunk if n > chunk else n
+    x = jnp.concatenate([images_u8, jnp.zeros((pad, *images_u8.shape[1:]), images_u8.dtype)])
+    x = x.reshape(-1, size, *images_u8.shape[1:])
+    rep = jax.lax.map(lambda xc: apply_fn(backbone, stream.to_float(xc, mean, std)).representation, x)
+    return rep.reshape(-1, rep.shape[-1])[:n]

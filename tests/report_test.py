@@ -1,0 +1,198 @@
+"""Tests for l2r.report: artefacts, JSON round trip, tables, TensorBoard and Progress."""
+
+import glob
+import json
+import logging
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from l2r import report
+
+METHODS = ("sgd", "sgd_x0.1", "teacher")
+STEPS = [0, 50, 100, 150, 200, 250]
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def _fake_results(seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (len(SEEDS), len(STEPS))
+    methods = {
+        m: {
+            "readout_A": rng.uniform(0.5, 1.0, shape),
+            "readout_B": rng.uniform(0.5, 1.0, shape),
+            "original_A": rng.uniform(0.0, 1.0, shape),
+            "cka_A": rng.uniform(0.0, 1.0, shape).astype(np.float32),
+            "loss": rng.uniform(0.0, 2.0, shape),
+        }
+        for m in METHODS
+    }
+    return {
+        "experiment": "fig1",
+        "preset": "cpu",
+        "config": {"lr": 0.1, "task_b": {"steps": 250}},
+        "steps": STEPS,
+        "seeds": SEEDS,
+        "methods": methods,
+        "timing": {"pretrain_s": 1.5, "task_b_s": {"sgd": np.float64(2.0)}, "probe_s": 0.25},
+    }
+
+
+def _read_events(path):
+    """Parses a TFRecord file of tensorboardX Event protos into (step, tag, value) triples."""
+    from tensorboardX.proto import event_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    out, pos = [], 0
+    while pos < len(data):
+        # TFRecord framing: uint64 length, uint32 length crc, payload, uint32 payload crc.
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4
+        out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    return out
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("report")
+    results = _fake_results()
+    return results, workdir, report.write_report(results, workdir, prefix="fig1")
+
+
+def test_write_report_writes_every_artefact(report_dir):
+    _, workdir, artefacts = report_dir
+    assert set(artefacts) == {
+        "json",
+        "markdown",
+        "tensorboard",
+        "fig1_task_A",
+        "fig1_task_B",
+        "fig1_cka",
+    }
+    for path in artefacts.values():
+        assert os.path.exists(path)
+        assert os.path.dirname(path) == str(workdir)
+    # The atomic writes leave nothing but the artefacts behind.
+    assert sorted(os.listdir(workdir)) == sorted(os.path.basename(p) for p in artefacts.values())
+
+
+def test_results_json_round_trips(report_dir):
+    results, _, artefacts = report_dir
+    with open(artefacts["json"]) as f:
+        loaded = json.load(f)
+    assert loaded["steps"] == STEPS and loaded["config"] == results["config"]
+    assert loaded["timing"]["task_b_s"]["sgd"] == 2.0
+    for m in METHODS:
+        assert list(loaded["methods"][m]) == list(results["methods"][m])
+        for metric, value in results["methods"][m].items():
+            np.testing.assert_array_equal(np.asarray(loaded["methods"][m][metric]), value)
+
+
+def test_to_jsonable_handles_nan_and_scalars():
+    obj = {1: (np.float32(np.nan), np.int64(3)), "a": np.array([[1.0, np.inf]]), "b": float("nan")}
+    assert report.to_jsonable(obj) == {"1": [None, 3], "a": [[1.0, None]], "b": None}
+    json.dumps(report.to_jsonable(obj), allow_nan=False)  # Strict JSON.
+
+
+def test_pngs_are_valid_images(report_dir):
+    _, _, artefacts = report_dir
+    for key in ("fig1_task_A", "fig1_task_B", "fig1_cka"):
+        with Image.open(artefacts[key]) as image:
+            image.verify()
+            assert image.format == "PNG"
+            width, height = image.size
+            assert width > 100 and height > 100
+
+
+def test_summary_table_has_hand_computed_mean_std():
+    results = _fake_results()
+    x = np.array([0.9, 0.8, 0.7, 0.6, 0.5])  # Last-step readout_A of "sgd": mean 70%, std 15.8%.
+    results["methods"]["sgd"]["readout_A"][:, 0] = 1.0
+    results["methods"]["sgd"]["readout_A"][:, -1] = x
+    table = report.summary_table(results)
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {m}" for m in METHODS]
+    cells = rows[0].split(" | ")
+    header = table.splitlines()[2].split(" | ")
+    assert cells[header.index("readout_A (%)")] == "70.0 ± 15.8"
+    # Forgetting: 1.0 - x per seed = [10, 20, 30, 40, 50] points.
+    assert cells[header.index("forgetting_A (pts)")] == "30.0 ± 15.8"
+    assert "forgetting_orig_A (pts)" in header[-1]
+    loss = results["methods"]["sgd"]["loss"][:, -1]
+    assert cells[header.index("loss")] == f"{loss.mean():.3f} ± {loss.std(ddof=1):.3f}"
+    with pytest.raises(ValueError):
+        report.summary_table(results, step=7)
+
+
+def test_curves_table_and_markdown(report_dir):
+    results, _, artefacts = report_dir
+    table = report.curves_table(results, "readout_B")
+    lines = table.splitlines()
+    assert lines[2] == "| step | " + " | ".join(METHODS) + " |"
+    assert len(lines) == 4 + len(STEPS)
+    x = results["methods"]["teacher"]["readout_B"][:, 2]
+    assert lines[4 + 2].endswith(f"{100 * x.mean():.1f} ± {100 * x.std(ddof=1):.1f} |")
+    with open(artefacts["markdown"]) as f:
+        md = f.read()
+    assert md.startswith("# l2r results: fig1")
+    for metric in ("readout_A", "original_A", "readout_B"):
+        assert f"**{metric} (%)**" in md
+
+
+def test_tensorboard_has_every_tag_and_seed_means(report_dir):
+    results, _, artefacts = report_dir
+    (event_file,) = glob.glob(os.path.join(artefacts["tensorboard"], "events.out.tfevents.*"))
+    events = _read_events(event_file)
+    tags = {tag for _, tag, _ in events}
+    assert tags == {f"{m}/{k}" for m in METHODS for k in results["methods"][m]}
+    values = {(step, tag): v for step, tag, v in events}
+    expected = results["methods"]["sgd"]["readout_A"][:, 3].mean()
+    np.testing.assert_allclose(values[(STEPS[3], "sgd/readout_A")], expected, rtol=1e-6)
+
+
+def test_atomic_write_cleans_up_on_failure(tmp_path, monkeypatch):
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", fail)
+    with pytest.raises(OSError):
+        report.write_results_json(_fake_results(), tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_rate_eta_and_throttling(caplog):
+    caplog.set_level(logging.INFO, logger="absl")
+    clock = FakeClock()
+    progress = report.Progress(500, "task_b", interval_s=10.0, clock=clock)
+    clock.now += 5.0
+    assert progress.update(10) is None  # Throttled: under interval_s since construction.
+    clock.now += 35.0  # 40 s for 120 steps: 3 steps/s, 380 steps left -> 126.7 s.
+    line = progress.update(120, loss=0.5123, epoch=2)
+    assert line == "[task_b] 120/500 (24%) 3.0 steps/s, ETA 2m07s, loss=0.512, epoch=2"
+    assert line in caplog.messages
+    clock.now += 1.0
+    assert progress.update(130) is None
+    clock.now += 1.0
+    assert progress.update(500).startswith("[task_b] 500/500 (100%)")  # Final always logged.
+
+
+def test_progress_excludes_resumed_work_from_rate():
+    clock = FakeClock()
+    progress = report.Progress(
+        1000, "meta", interval_s=0.0, clock=clock, unit="episodes", start=400
+    )
+    clock.now += 3661.0 / 5  # 100 episodes; 500 left at this rate take 3661 s.
+    assert progress.update(500) == "[meta] 500/1000 (50%) 0.137 episodes/s, ETA 1h01m01s"
