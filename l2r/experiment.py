@@ -77,18 +77,16 @@ def load_dataset(data: ml_collections.ConfigDict) -> sources.Dataset:
                 "extracted copy or --config.data.archive at the .tar.gz."
             )
         prepare.ensure_extracted(data.archive, os.path.dirname(os.path.abspath(data.root)))
-    kwargs = {}
-    if data.source == "synthetic":
-        kwargs = data.synthetic.to_dict()
-    return sources.load(
-        data.source,
+    kwargs = dict(
         name=data.name or None,
         root=data.root or None,
         image_size=data.image_size or None,
         data_dir=data.data_dir or None,
         download=data.download,
-        **kwargs,
     )
+    if data.source == "synthetic":
+        kwargs.update(data.synthetic.to_dict())
+    return sources.load(data.source, **kwargs)
 
 
 def check_batch(name: str, batch: int, available: int, task: str) -> None:

@@ -1,0 +1,138 @@
+"""Extracts the offline data archives (and prepares TFDS datasets) into a cache dir.
+
+    python -m l2r.data.prepare --cifar10_archive=PATH --tiny_imagenet_archive=PATH \
+        [--dest ~/.cache/l2r]
+    python -m l2r.data.prepare --tfds=cifar10 [--data_dir DIR]     # needs TensorFlow + network
+
+Extraction is idempotent: an archive already extracted into `dest` (a marker file records which
+archive, by size and mtime) is skipped, so configs can call `ensure_extracted` on every run.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+
+from l2r.data import sources
+from l2r.data.sources import DataError
+
+# sha256 of the archives the project ships for offline machines, by file name.
+KNOWN_ARCHIVES = {
+    "cifar10-jpeg.tar.gz": "4f58dec86508499156642768d945cba57f2311cae67bbd0d55350a599f36d356",
+    "tiny-imagenet-200-first100.tar.gz": (
+        "ac97913503e491dce52b1311c7da504af1d0decf47cc3b604ed7e30562b5bea9"
+    ),
+}
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _top_level(tar: tarfile.TarFile) -> str | None:
+    """The single top-level folder of the archive, or None if it has several entries."""
+    tops = {m.name.removeprefix("./").split("/", 1)[0] for m in tar.getmembers()} - {"", "."}
+    return tops.pop() if len(tops) == 1 else None
+
+
+def ensure_extracted(archive: str, dest: str | None = None, *, sha256: str | None = None) -> str:
+    """Extracts `archive` (.tar.gz) into `dest` unless already done; returns the data root.
+
+    Args:
+      archive: path of the .tar.gz.
+      dest: folder to extract into (default: the l2r cache dir, $L2R_CACHE or ~/.cache/l2r).
+      sha256: expected digest; by default the known digest of the project's archives (by file
+        name), none for other archives.
+
+    Returns:
+      The archive's single top-level folder inside dest (e.g. dest/cifar10), else dest.
+
+    Raises:
+      DataError: the archive is missing or its sha256 does not match.
+    """
+    dest = os.path.abspath(os.path.expanduser(dest or sources.default_cache_dir()))
+    if not os.path.isfile(archive):
+        raise DataError(f"Archive {archive} does not exist; pass the path of the .tar.gz.")
+    base = os.path.basename(archive)
+    st = os.stat(archive)
+    stamp = {"archive": base, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    marker = os.path.join(dest, f".{base}.extracted.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if all(done.get(k) == v for k, v in stamp.items()) and os.path.exists(done["root"]):
+            return done["root"]
+    expected = sha256 or KNOWN_ARCHIVES.get(base)
+    if expected:
+        actual = sha256_of(archive)
+        if actual != expected:
+            raise DataError(
+                f"sha256 of {archive} is {actual}, expected {expected}: the file is damaged or a "
+                "different version. Copy the archive again."
+            )
+    os.makedirs(dest, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        top = _top_level(tar)
+        root = os.path.join(dest, top) if top else dest
+        if not (top and os.path.exists(root)):  # An existing folder: extracted earlier by hand.
+            # Extract beside the destination, then rename, so an interrupted run leaves no
+            # half-filled data root behind.
+            tmp = tempfile.mkdtemp(dir=dest, prefix=".extract-")
+            try:
+                tar.extractall(tmp, filter="data")
+                if top:
+                    try:
+                        os.rename(os.path.join(tmp, top), root)
+                    except OSError:
+                        if not os.path.exists(root):  # Not a concurrent run that won the race.
+                            raise
+                else:
+                    for entry in os.listdir(tmp):
+                        os.replace(os.path.join(tmp, entry), os.path.join(dest, entry))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    fd, tmp_marker = tempfile.mkstemp(dir=dest, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({**stamp, "root": root}, f)
+    os.replace(tmp_marker, marker)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m l2r.data.prepare", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--cifar10_archive", help="path of cifar10-jpeg.tar.gz")
+    parser.add_argument("--tiny_imagenet_archive", help="path of tiny-imagenet-200*.tar.gz")
+    parser.add_argument("--dest", default=None, help="extract here (default: ~/.cache/l2r)")
+    parser.add_argument("--tfds", action="append", default=[], help="TFDS name to prepare")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's)")
+    args = parser.parse_args(argv)
+    if not (args.cifar10_archive or args.tiny_imagenet_archive or args.tfds):
+        parser.error("nothing to do: pass --cifar10_archive, --tiny_imagenet_archive or --tfds.")
+    try:
+        for flag, archive, source in (
+            ("cifar10", args.cifar10_archive, "image_folder"),
+            ("tiny_imagenet", args.tiny_imagenet_archive, "tiny_imagenet"),
+        ):
+            if archive:
+                root = ensure_extracted(archive, args.dest)
+                print(f"{flag}: {root}  (--config.data.source={source} --config.data.root={root})")
+        for name in args.tfds:
+            print(f"tfds {name}: {sources.prepare_tfds(name, args.data_dir)}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
