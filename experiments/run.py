@@ -24,8 +24,14 @@ FLAGS = flags.FLAGS
 PIPELINES = {"fig1": "l2r.forgetting"}
 
 
+def quiet_libraries(record) -> bool:
+    """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
+    return "/orbax/" not in record.pathname or record.levelno >= logging.WARNING
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(quiet_libraries)
     config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
     if config.experiment not in PIPELINES:
         raise app.UsageError(f"No pipeline for experiment {config.experiment!r}.")

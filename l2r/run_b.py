@@ -19,6 +19,12 @@ from l2r.data import stream
 from l2r.methods import Batch, Method
 
 
+# Probe metrics in display order. readout_X: a fresh linear readout on the frozen representation
+# (§1); original_X: the network's own head for task X (for A, the pre-trained head, which Task-B
+# SGD never updates: the paper's "Original"); cka_A: linear CKA to the pre-Task-B network.
+METRICS = ("readout_A", "original_A", "readout_B", "original_B", "cka_A")
+
+
 class ProbeSets(NamedTuple):
     """Device-resident data the probe measures on (possibly subsampled for speed)."""
 
@@ -53,7 +59,7 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int
             "original_A": jax.vmap(
                 lambda n, r: probe.head_accuracy(models.apply_head(n["head_a"], r), sets_a.test_labels)
             )(networks, rep["a_test"]),
-            "head_B": jax.vmap(
+            "original_B": jax.vmap(
                 lambda n, r: probe.head_accuracy(models.apply_head(n["head_b"], r), sets_b.test_labels)
             )(networks, rep["b_test"]),
         }
@@ -139,7 +145,7 @@ def run_method(method: Method, networks0, data_a, data_b, streams: Streams, conf
                            for s in range(num_seeds)])
     states = jax.vmap(method.init)(networks0, base_keys)
     advance = make_advance(method)
-    history = {k: [np.asarray(v)] for k, v in metrics0.items()}
+    history = {k: [np.asarray(metrics0[k])] for k in METRICS if k in metrics0}
     history["loss"] = [np.full(num_seeds, np.nan)]
     train_s = probe_s = 0.0
     progress = report.Progress(cfg.steps, f"task B {method.name} x{num_seeds}")
@@ -160,8 +166,9 @@ def run_method(method: Method, networks0, data_a, data_b, streams: Streams, conf
         metrics = jax.device_get(metrics)
         probe_s += time.time() - t1
         train_s += t1 - t0
-        for k, v in metrics.items():
-            history[k].append(np.asarray(v))
+        for k in history:
+            if k != "loss":
+                history[k].append(np.asarray(metrics[k]))
         history["loss"].append(np.asarray(step_metrics["loss"]))
         progress.update(stop, loss=float(np.mean(step_metrics["loss"])),
                         readout_A=float(np.mean(metrics["readout_A"])))
