@@ -7,6 +7,7 @@ r"""Runs one l2r experiment from a config file.
 `--config.<field>=value` overrides any field; an unknown field is an error.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -25,8 +26,11 @@ PIPELINES = {"fig1": "l2r.forgetting"}
 
 
 def quiet_libraries(record) -> bool:
-    """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
-    return "/orbax/" not in record.pathname or record.levelno >= logging.WARNING
+    """Drops Orbax's per-save INFO chatter from the console; its warnings still show.
+
+    (absl's `logging.WARNING` is its verbosity 1, not the record level 30: use the stdlib's.)
+    """
+    return "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
 
 
 def main(argv):

@@ -1,6 +1,6 @@
 """Task-A pre-training: SGD with momentum, many seeds at once, cached as Orbax checkpoints.
 
-§3 of the paper: lr 0.1, momentum 0.9, batch 128. Seeds are a vmapped axis, so `n` networks
+§3 of the paper: lr 0.1, momentum 0.9, batch 128. Seeds are a mapped axis (`training.map_seeds`), so `n` networks
 train in one compiled call (`pretrain.seeds_per_call` at a time); steps run as a `lax.scan`
 in chunks so the console can show progress. Checkpoints are keyed by a fingerprint of
 everything that determines them (data, classes, model, optimiser, seed), so a rerun - or another
@@ -114,7 +114,7 @@ def _train(config, model, task, seeds, ckpt_ids):
             (p, s, _), losses = jax.lax.scan(step, (p, s, data), (i, a))
             return p, s, losses.mean()
 
-        return jax.vmap(one_seed)(p, s, idx_chunk, aug_chunk)
+        return training.map_seeds(one_seed, p, s, idx_chunk, aug_chunk)
 
     progress = report.Progress(cfg.steps, f"pretrain x{len(seeds)}")
     for start in range(0, cfg.steps, CHUNK_STEPS):

@@ -261,7 +261,8 @@ def write_curves_to_tensorboard(results, logdir) -> None:
     }
     with ScalarWriter(logdir) as writer:
         for i, step in enumerate(results["steps"]):
-            writer.write(step, {tag: mean[i] for tag, mean in means.items()})
+            # Undefined points (the training loss before any step) are left out, not logged NaN.
+            writer.write(step, {t: m[i] for t, m in means.items() if np.isfinite(m[i])})
 
 
 def _format_duration(seconds: float) -> str:

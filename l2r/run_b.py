@@ -1,6 +1,6 @@
 """Run Task-B learners over seeds and probe their representations along the way.
 
-Seeds are a vmapped axis; steps are a `lax.scan` over host-made index streams, run in chunks of
+Seeds are a mapped axis (`training.map_seeds`); steps are a `lax.scan` over host-made index streams, run in chunks of
 `probe_every` steps (one compiled call each, the same shapes every time, so one compilation) with
 a probe between chunks. Every method sees exactly the same batches, head-B initialisation and
 pre-trained network for a given seed, so differences between methods are the methods'.
@@ -41,12 +41,12 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int
 
     @functools.partial(jax.jit, static_argnames="cka_size")
     def run(networks, sets_a, sets_b, ref_rep, cka_size):
-        rep = jax.vmap(lambda n: {
+        rep = training.map_seeds(lambda n: {
             "a_train": represent(n, sets_a.train_images, sets_a),
             "a_test": represent(n, sets_a.test_images, sets_a),
             "b_train": represent(n, sets_b.train_images, sets_b),
             "b_test": represent(n, sets_b.test_images, sets_b),
-        })(networks)
+        }, networks)
         metrics = {
             "readout_A": probe.readout_accuracies(
                 rep["a_train"], sets_a.train_labels, rep["a_test"], sets_a.test_labels, num_a,
@@ -116,7 +116,7 @@ def make_advance(method: Method):
             (state, _, _), metrics = jax.lax.scan(step, carry, (keys, idx_b, idx_a, aug_b, aug_a))
             return state, jax.tree.map(jnp.mean, metrics)
 
-        return jax.vmap(one_seed)(states, keys, idx_b, idx_a, aug_b, aug_a)
+        return training.map_seeds(one_seed, states, keys, idx_b, idx_a, aug_b, aug_a)
 
     return advance
 
