@@ -16,7 +16,9 @@ from ml_collections import config_flags
 
 from l2r import workdir as workdir_lib
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file[:preset].", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file[:preset].", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and logs.")
 flags.DEFINE_bool("overwrite", False, "Replace finished results already in --workdir.")
 flags.mark_flags_as_required(["config", "workdir"])

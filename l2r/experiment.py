@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from l2r import probe
-from l2r.data import sources, tasks
+from l2r.data import sources
 
 MODEL_NAMES = ("resnet", "convnet")
 SCHEDULES = ("constant", "cosine", "step")
@@ -43,7 +43,9 @@ def check_common(config: ml_collections.ConfigDict) -> None:
         )
     p = config.pretrain
     require(p.schedule in SCHEDULES, f"pretrain.schedule={p.schedule!r}; use one of {SCHEDULES}.")
-    require(p.steps >= 1 and p.batch_size >= 1, "pretrain.steps and pretrain.batch_size must be >= 1.")
+    require(
+        p.steps >= 1 and p.batch_size >= 1, "pretrain.steps and pretrain.batch_size must be >= 1."
+    )
     require(p.num_checkpoints >= 1, "pretrain.num_checkpoints must be >= 1.")
     require(
         config.readout.solver in probe.SOLVERS,
@@ -55,14 +57,17 @@ def check_common(config: ml_collections.ConfigDict) -> None:
         d.source in sources.SOURCES,
         f"data.source={d.source!r}; choose one of {', '.join(sources.SOURCES)}.",
     )
-    require(len(d.classes_a) > 0 and len(d.classes_b) > 0,
-            "data.classes_a and data.classes_b must each name at least one class.")
+    require(
+        len(d.classes_a) > 0 and len(d.classes_b) > 0,
+        "data.classes_a and data.classes_b must each name at least one class.",
+    )
 
 
 def readout_config(config) -> probe.ReadoutConfig:
     r = config.readout
-    return probe.ReadoutConfig(solver=r.solver, steps=r.steps, learning_rate=r.learning_rate,
-                               l2=r.l2)
+    return probe.ReadoutConfig(
+        solver=r.solver, steps=r.steps, learning_rate=r.learning_rate, l2=r.l2
+    )
 
 
 def load_dataset(data: ml_collections.ConfigDict) -> sources.Dataset:

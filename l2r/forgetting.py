@@ -26,23 +26,32 @@ from l2r.methods import METHOD_NAMES, make_method
 def check_config(config: ml_collections.ConfigDict) -> None:
     experiment.check_common(config)
     b = config.task_b
-    require(len(b.methods) > 0, "task_b.methods is empty; name at least one of "
-            f"{', '.join(METHOD_NAMES)}.")
+    require(
+        len(b.methods) > 0,
+        f"task_b.methods is empty; name at least one of {', '.join(METHOD_NAMES)}.",
+    )
     for m in b.methods:
-        require(m in METHOD_NAMES,
-                f"task_b.methods has unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}.")
-    require(b.steps >= 1 and b.probe_every >= 1, "task_b.steps and task_b.probe_every must be >= 1.")
-    require(b.steps % b.probe_every == 0,
-            f"task_b.steps={b.steps} is not a multiple of task_b.probe_every={b.probe_every}; "
-            "choose a probe interval that divides the number of steps.")
+        require(
+            m in METHOD_NAMES,
+            f"task_b.methods has unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}.",
+        )
+    require(
+        b.steps >= 1 and b.probe_every >= 1, "task_b.steps and task_b.probe_every must be >= 1."
+    )
+    require(
+        b.steps % b.probe_every == 0,
+        f"task_b.steps={b.steps} is not a multiple of task_b.probe_every={b.probe_every}; "
+        "choose a probe interval that divides the number of steps.",
+    )
 
 
 def make_model(config) -> models.Model:
     m = config.model
     if m.name == "resnet":
         return models.make_model("resnet", depth=m.depth, widths=tuple(m.widths), groups=m.groups)
-    return models.make_model("convnet", widths=tuple(m.widths), groups=m.groups,
-                             hidden=m.hidden or None)
+    return models.make_model(
+        "convnet", widths=tuple(m.widths), groups=m.groups, hidden=m.hidden or None
+    )
 
 
 def build_tasks(config):
@@ -50,9 +59,15 @@ def build_tasks(config):
     dataset = experiment.load_dataset(config.data)
     task_a, task_b = tasks.split_task(dataset, config.data.classes_a, config.data.classes_b)
     mean, std = tasks.normalization_stats(dataset.train)
-    logging.info("Task A: %s (%d train / %d test); Task B: %s (%d / %d)",
-                 ", ".join(task_a.class_names), len(task_a.train.labels), len(task_a.test.labels),
-                 ", ".join(task_b.class_names), len(task_b.train.labels), len(task_b.test.labels))
+    logging.info(
+        "Task A: %s (%d train / %d test); Task B: %s (%d / %d)",
+        ", ".join(task_a.class_names),
+        len(task_a.train.labels),
+        len(task_a.test.labels),
+        ", ".join(task_b.class_names),
+        len(task_b.train.labels),
+        len(task_b.test.labels),
+    )
     return task_a, task_b, mean, std
 
 
@@ -61,8 +76,9 @@ def check_sizes(config, task_a, task_b) -> None:
     experiment.check_batch("pretrain.batch_size", config.pretrain.batch_size, n_a, "Task A")
     experiment.check_batch("task_b.batch_size", config.task_b.batch_size, n_b, "Task B")
     if "teacher" in config.task_b.methods:
-        experiment.check_batch("task_b.teacher_batch_a", config.task_b.teacher_batch_a, n_a,
-                               "Task A")
+        experiment.check_batch(
+            "task_b.teacher_batch_a", config.task_b.teacher_batch_a, n_a, "Task A"
+        )
 
 
 def probe_task(task, mean, std, cfg, stream_name, seed) -> training.DeviceTask:
@@ -78,8 +94,10 @@ def probe_task(task, mean, std, cfg, stream_name, seed) -> training.DeviceTask:
 def initial_networks(config, pretrained, num_classes_b: int, rep_dim: int):
     """Per Task-B seed s: checkpoint s % n, and a fresh Task-B head (the same for every method)."""
     ckpt = np.arange(config.num_seeds) % config.pretrain.num_checkpoints
-    heads_b = [models.init_head(rng.key_for(config.seed, "head_b", s), rep_dim, num_classes_b)
-               for s in range(config.num_seeds)]
+    heads_b = [
+        models.init_head(rng.key_for(config.seed, "head_b", s), rep_dim, num_classes_b)
+        for s in range(config.num_seeds)
+    ]
     return {
         "backbone": jax.tree.map(lambda a: a[ckpt], pretrained["backbone"]),
         "head_a": jax.tree.map(lambda a: a[ckpt], pretrained["head"]),
@@ -95,8 +113,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Everything is validated: from here on the workdir is written to.
     workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     model = make_model(config)
-    streams = run_b.make_streams(config, len(task_b.train.labels), len(task_a.train.labels),
-                                 config.num_seeds)
+    streams = run_b.make_streams(
+        config, len(task_b.train.labels), len(task_a.train.labels), config.num_seeds
+    )
 
     data_a = training.to_device(task_a, mean, std)
     data_b = training.to_device(task_b, mean, std)
@@ -109,20 +128,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         b=probe_task(task_b, mean, std, config.readout, "probe_b", config.seed),
         cka_size=min(config.readout.cka_size or len(task_a.test.labels), len(task_a.test.labels)),
     )
-    probe_fn = run_b.make_probe(model, experiment.readout_config(config), task_a.num_classes,
-                                task_b.num_classes)
+    probe_fn = run_b.make_probe(
+        model, experiment.readout_config(config), task_a.num_classes, task_b.num_classes
+    )
     t1 = time.time()
     initial = probe_fn(networks0, sets)
-    logging.info("Before Task B: readout A %.2f%%, original A %.2f%%",
-                 100 * float(np.mean(initial[0]["readout_A"])),
-                 100 * float(np.mean(initial[0]["original_A"])))
+    logging.info(
+        "Before Task B: readout A %.2f%%, original A %.2f%%",
+        100 * float(np.mean(initial[0]["readout_A"])),
+        100 * float(np.mean(initial[0]["original_A"])),
+    )
     probe_s = time.time() - t1
 
     methods, train_times = {}, {}
     for name in config.task_b.methods:
         method = make_method(name, model, config.task_b.learning_rate)
         history, train_s, method_probe_s = run_b.run_method(
-            method, networks0, data_a, data_b, streams, config, probe_fn, sets, initial)
+            method, networks0, data_a, data_b, streams, config, probe_fn, sets, initial
+        )
         methods[name] = history
         train_times[name] = train_s
         probe_s += method_probe_s
@@ -135,8 +158,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "seeds": list(range(config.num_seeds)),
         "pretrain_test_accuracy": pre_acc,
         "methods": methods,
-        "timing": {"pretrain_s": pretrain_s, "task_b_s": train_times, "probe_s": probe_s,
-                   "total_s": time.time() - t0},
+        "timing": {
+            "pretrain_s": pretrain_s,
+            "task_b_s": train_times,
+            "probe_s": probe_s,
+            "total_s": time.time() - t0,
+        },
     }
     paths = report.write_report(results, workdir, prefix="fig1")
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))

@@ -1,10 +1,11 @@
 """Task-A pre-training: SGD with momentum, many seeds at once, cached as Orbax checkpoints.
 
-§3 of the paper: lr 0.1, momentum 0.9, batch 128. Seeds are a mapped axis (`training.map_seeds`), so `n` networks
-train in one compiled call (`pretrain.seeds_per_call` at a time); steps run as a `lax.scan`
-in chunks so the console can show progress. Checkpoints are keyed by a fingerprint of
-everything that determines them (data, classes, model, optimiser, seed), so a rerun - or another
-experiment with the same Task A - finds and reuses finished networks instead of training again.
+§3 of the paper: lr 0.1, momentum 0.9, batch 128. Seeds are a mapped axis
+(`training.map_seeds`), so `n` networks train in one compiled call (`pretrain.seeds_per_call` at
+a time); steps run as a `lax.scan` in chunks so the console can show progress. Checkpoints are
+keyed by a fingerprint of everything that determines them (data, classes, model, optimiser,
+seed), so a rerun - or another experiment with the same Task A - finds and reuses finished
+networks instead of training again.
 """
 
 import hashlib
@@ -119,14 +120,17 @@ def _train(config, model, task, seeds, ckpt_ids):
     progress = report.Progress(cfg.steps, f"pretrain x{len(seeds)}")
     for start in range(0, cfg.steps, CHUNK_STEPS):
         stop = min(start + CHUNK_STEPS, cfg.steps)
-        aug_chunk = None if aug is None else jax.tree.map(lambda a: a[:, start:stop], aug)
-        params, opt_state, loss = run_chunk(params, opt_state, task, idx[:, start:stop], aug_chunk)
+        params, opt_state, loss = run_chunk(
+            params, opt_state, task, idx[:, start:stop], training.slice_steps(aug, start, stop)
+        )
         progress.update(stop, loss=float(loss.mean()))
 
     @jax.jit
     def test_accuracies(params, data):
         def one(p):
-            rep = training.features(model.apply, p["backbone"], data.test_images, data.mean, data.std)
+            rep = training.features(
+                model.apply, p["backbone"], data.test_images, data.mean, data.std
+            )
             return training.accuracy(models.apply_head(p["head"], rep), data.test_labels)
 
         return jax.lax.map(one, params)

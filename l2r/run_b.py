@@ -1,9 +1,10 @@
 """Run Task-B learners over seeds and probe their representations along the way.
 
-Seeds are a mapped axis (`training.map_seeds`); steps are a `lax.scan` over host-made index streams, run in chunks of
-`probe_every` steps (one compiled call each, the same shapes every time, so one compilation) with
-a probe between chunks. Every method sees exactly the same batches, head-B initialisation and
-pre-trained network for a given seed, so differences between methods are the methods'.
+Seeds are a mapped axis (`training.map_seeds`); steps are a `lax.scan` over host-made index
+streams, run in chunks of `probe_every` steps (one compiled call each, the same shapes every
+time, so one compilation) with a probe between chunks. Every method sees exactly the same
+batches, head-B initialisation and pre-trained network for a given seed, so differences between
+methods are the methods'.
 """
 
 import functools
@@ -17,7 +18,6 @@ import numpy as np
 from l2r import models, probe, report, rng, training
 from l2r.data import stream
 from l2r.methods import Batch, Method
-
 
 # Probe metrics in display order. readout_X: a fresh linear readout on the frozen representation
 # (§1); original_X: the network's own head for task X (for A, the pre-trained head, which Task-B
@@ -41,26 +41,41 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int
 
     @functools.partial(jax.jit, static_argnames="cka_size")
     def run(networks, sets_a, sets_b, ref_rep, cka_size):
-        rep = training.map_seeds(lambda n: {
-            "a_train": represent(n, sets_a.train_images, sets_a),
-            "a_test": represent(n, sets_a.test_images, sets_a),
-            "b_train": represent(n, sets_b.train_images, sets_b),
-            "b_test": represent(n, sets_b.test_images, sets_b),
-        }, networks)
+        rep = training.map_seeds(
+            lambda n: {
+                "a_train": represent(n, sets_a.train_images, sets_a),
+                "a_test": represent(n, sets_a.test_images, sets_a),
+                "b_train": represent(n, sets_b.train_images, sets_b),
+                "b_test": represent(n, sets_b.test_images, sets_b),
+            },
+            networks,
+        )
         metrics = {
             "readout_A": probe.readout_accuracies(
-                rep["a_train"], sets_a.train_labels, rep["a_test"], sets_a.test_labels, num_a,
+                rep["a_train"],
+                sets_a.train_labels,
+                rep["a_test"],
+                sets_a.test_labels,
+                num_a,
                 readout_cfg,
             ),
             "readout_B": probe.readout_accuracies(
-                rep["b_train"], sets_b.train_labels, rep["b_test"], sets_b.test_labels, num_b,
+                rep["b_train"],
+                sets_b.train_labels,
+                rep["b_test"],
+                sets_b.test_labels,
+                num_b,
                 readout_cfg,
             ),
             "original_A": jax.vmap(
-                lambda n, r: probe.head_accuracy(models.apply_head(n["head_a"], r), sets_a.test_labels)
+                lambda n, r: probe.head_accuracy(
+                    models.apply_head(n["head_a"], r), sets_a.test_labels
+                )
             )(networks, rep["a_test"]),
             "original_B": jax.vmap(
-                lambda n, r: probe.head_accuracy(models.apply_head(n["head_b"], r), sets_b.test_labels)
+                lambda n, r: probe.head_accuracy(
+                    models.apply_head(n["head_b"], r), sets_b.test_labels
+                )
             )(networks, rep["b_test"]),
         }
         cka_rep = rep["a_test"][:, :cka_size]
@@ -121,12 +136,17 @@ def make_advance(method: Method):
     return advance
 
 
-def _chunk(tree, start, stop):
-    return None if tree is None else jax.tree.map(lambda a: a[:, start:stop], tree)
-
-
-def run_method(method: Method, networks0, data_a, data_b, streams: Streams, config, probe_fn,
-               probe_sets: ProbeSets, initial_probe):
+def run_method(
+    method: Method,
+    networks0,
+    data_a,
+    data_b,
+    streams: Streams,
+    config,
+    probe_fn,
+    probe_sets: ProbeSets,
+    initial_probe,
+):
     """Runs `method` on Task B for every seed, probing every `task_b.probe_every` steps.
 
     Args:
@@ -141,8 +161,9 @@ def run_method(method: Method, networks0, data_a, data_b, streams: Streams, conf
     cfg = config.task_b
     num_seeds = streams.idx_b.shape[0]
     metrics0, ref_rep = initial_probe
-    base_keys = jnp.stack([rng.key_for(config.seed, f"task_b_{method.name}", s)
-                           for s in range(num_seeds)])
+    base_keys = jnp.stack(
+        [rng.key_for(config.seed, f"task_b_{method.name}", s) for s in range(num_seeds)]
+    )
     states = jax.vmap(method.init)(networks0, base_keys)
     advance = make_advance(method)
     history = {k: [np.asarray(metrics0[k])] for k in METRICS if k in metrics0}
@@ -152,13 +173,17 @@ def run_method(method: Method, networks0, data_a, data_b, streams: Streams, conf
     for start in range(0, cfg.steps, cfg.probe_every):
         stop = start + cfg.probe_every
         steps = jnp.arange(start, stop)
-        keys = jax.vmap(lambda k: jax.vmap(lambda t: jax.random.fold_in(k, t))(steps))(base_keys)
+        keys = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(base_keys, steps)
         t0 = time.time()
         states, step_metrics = advance(
-            states, data_a, data_b, keys, streams.idx_b[:, start:stop],
+            states,
+            data_a,
+            data_b,
+            keys,
+            streams.idx_b[:, start:stop],
             streams.idx_a[:, start:stop] if method.uses_task_a else None,
-            _chunk(streams.aug_b, start, stop),
-            _chunk(streams.aug_a, start, stop) if method.uses_task_a else None,
+            training.slice_steps(streams.aug_b, start, stop),
+            training.slice_steps(streams.aug_a, start, stop) if method.uses_task_a else None,
         )
         jax.block_until_ready(states)
         t1 = time.time()
@@ -170,6 +195,9 @@ def run_method(method: Method, networks0, data_a, data_b, streams: Streams, conf
             if k != "loss":
                 history[k].append(np.asarray(metrics[k]))
         history["loss"].append(np.asarray(step_metrics["loss"]))
-        progress.update(stop, loss=float(np.mean(step_metrics["loss"])),
-                        readout_A=float(np.mean(metrics["readout_A"])))
+        progress.update(
+            stop,
+            loss=float(np.mean(step_metrics["loss"])),
+            readout_A=float(np.mean(metrics["readout_A"])),
+        )
     return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s

@@ -59,6 +59,11 @@ def augment_streams(batch_size: int, num_steps: int, seeds) -> Augment:
     return Augment(*(np.stack([d[k] for d in draws]) for k in ("dy", "dx", "flip")))
 
 
+def slice_steps(tree, start: int, stop: int):
+    """Steps [start, stop) of every [S, T, ...] leaf of `tree` (None stays None)."""
+    return None if tree is None else jax.tree.map(lambda a: a[:, start:stop], tree)
+
+
 def map_seeds(fn, *args, chunk: int | None = None):
     """`fn` applied over the leading (seed / checkpoint / episode) axis of `args`.
 
@@ -99,5 +104,7 @@ def features(apply_fn, backbone, images_u8, mean, std, chunk: int = 1000) -> jax
     size = chunk if n > chunk else n
     x = jnp.concatenate([images_u8, jnp.zeros((pad, *images_u8.shape[1:]), images_u8.dtype)])
     x = x.reshape(-1, size, *images_u8.shape[1:])
-    rep = jax.lax.map(lambda xc: apply_fn(backbone, stream.to_float(xc, mean, std)).representation, x)
+    rep = jax.lax.map(
+        lambda xc: apply_fn(backbone, stream.to_float(xc, mean, std)).representation, x
+    )
     return rep.reshape(-1, rep.shape[-1])[:n]

@@ -40,8 +40,14 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_every_artefact(smoke_run):
     workdir, results = smoke_run
-    for name in ("config.json", "results.json", "results.md", "fig1_task_A.png",
-                 "fig1_task_B.png"):
+    for name in (
+        "config.json",
+        "results.json",
+        "results.md",
+        "fig1_task_A.png",
+        "fig1_task_B.png",
+        "fig1_cka.png",
+    ):
         assert os.path.getsize(workdir / name) > 0, name
     assert any(f.startswith("events") for f in os.listdir(workdir / "tb"))
     with Image.open(workdir / "fig1_task_A.png") as im:
@@ -69,15 +75,17 @@ def test_same_seed_same_numbers_and_checkpoints_are_reused(smoke_run, tmp_path):
     for other in (again, fresh):
         for name, metrics in first["methods"].items():
             for metric, values in metrics.items():
-                np.testing.assert_array_equal(values, other["methods"][name][metric],
-                                              err_msg=f"{name}/{metric}")
+                np.testing.assert_array_equal(
+                    values, other["methods"][name][metric], err_msg=f"{name}/{metric}"
+                )
 
 
 def test_different_seed_different_numbers(smoke_run, tmp_path):
     _, first = smoke_run
     other = run_locked(smoke_config(seed=1, **{"task_b.methods": ("sgd",)}), tmp_path)
-    assert not np.array_equal(first["methods"]["sgd"]["loss"][:, 1:],
-                              other["methods"]["sgd"]["loss"][:, 1:])
+    assert not np.array_equal(
+        first["methods"]["sgd"]["loss"][:, 1:], other["methods"]["sgd"]["loss"][:, 1:]
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,8 +98,11 @@ def test_different_seed_different_numbers(smoke_run, tmp_path):
         ({"task_b.methods": ("sgd", "sdg")}, ConfigError, "sdg"),
         ({"task_b.probe_every": 7}, ConfigError, "probe_every"),
         ({"model.groups": 3}, ConfigError, "model.groups"),
-        ({"data.source": "image_folder", "data.root": "/nonexistent/l2r"}, DataError,
-         "/nonexistent/l2r"),
+        (
+            {"data.source": "image_folder", "data.root": "/nonexistent/l2r"},
+            DataError,
+            "/nonexistent/l2r",
+        ),
     ],
 )
 def test_bad_input_fails_fast_and_leaves_workdir_intact(smoke_run, overrides, error, words):
@@ -111,10 +122,17 @@ def test_unreadable_image_is_named(tmp_path):
             os.makedirs(root / split / cls)
             for i in range(4):
                 Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
-                    root / split / cls / f"{i}.png")
+                    root / split / cls / f"{i}.png"
+                )
     (root / "train" / "b" / "broken.png").write_bytes(b"not a png")
-    config = smoke_config(**{"data.source": "image_folder", "data.root": str(root),
-                             "data.classes_a": ("a", "b"), "data.classes_b": ("c", "d")})
+    config = smoke_config(
+        **{
+            "data.source": "image_folder",
+            "data.root": str(root),
+            "data.classes_a": ("a", "b"),
+            "data.classes_b": ("c", "d"),
+        }
+    )
     with pytest.raises(DataError, match="broken.png"):
         run_locked(config, tmp_path / "work")
 
@@ -138,22 +156,31 @@ def test_a_workdir_in_use_is_refused(tmp_path):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args], capture_output=True, text=True,
-        timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        [sys.executable, "-m", "experiments.run", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
 
 
 def test_cli_rejects_mistyped_key_before_anything_runs(tmp_path):
-    proc = run_cli("--config=experiments/configs/fig1.py:smoke", f"--workdir={tmp_path}/w",
-                   "--config.task_b.stpes=3")
+    proc = run_cli(
+        "--config=experiments/configs/fig1.py:smoke",
+        f"--workdir={tmp_path}/w",
+        "--config.task_b.stpes=3",
+    )
     assert proc.returncode != 0
     assert "stpes" in proc.stderr
     assert not os.path.exists(tmp_path / "w")
 
 
 def test_cli_reports_bad_input_with_exit_code(tmp_path):
-    proc = run_cli("--config=experiments/configs/fig1.py:smoke", f"--workdir={tmp_path}/w",
-                   "--config.task_b.methods=('sgd','nope')")
+    proc = run_cli(
+        "--config=experiments/configs/fig1.py:smoke",
+        f"--workdir={tmp_path}/w",
+        "--config.task_b.methods=('sgd','nope')",
+    )
     assert proc.returncode == 2, proc.stderr
     assert "nope" in proc.stderr

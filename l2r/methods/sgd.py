@@ -50,8 +50,9 @@ def make_teacher(model: models.Model, learning_rate: float, name: str = "teacher
         return network, {"loss": loss_b, "loss_union": loss}
 
     return Method(
-        name=name, init=lambda network, key: network, step=step, network=lambda s: s,
+        name=name,
+        init=lambda network, key: network,
+        step=step,
+        network=lambda s: s,
         uses_task_a=True,
     )
-
-

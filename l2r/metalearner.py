@@ -1,0 +1,327 @@
+"""The learned update rule: one stacked-LSTM gate per backbone parameter leaf (paper §4, §5.1).
+
+For every parameter leaf `w` of the student's backbone (not the classification heads: §5.1 trains
+them with plain SGD), a stacked LSTM `f_θ` outputs a gate δ of `w`'s shape and the student steps
+`w ← w − α δ ⊙ g`. Each leaf has its own LSTM (§5.1: "a separate ... meta-learner for each
+layer"), shared across the leaf's output units, which form the LSTM's batch.
+
+    ml = metalearner.make(backbone_params, taps)        # static structure, from shapes only
+    theta = ml.init(key)                                 # plain nested dict
+    state = ml.init_state()                              # LSTM (c, h) per leaf and layer, zeros
+    deltas, state = ml.apply(theta, state, params, grads, taps)
+    params = metalearner.update(params, grads, deltas, lr)
+
+LSTM input per output unit j (§5.1), with the taps (spatial means) averaged over the batch too:
+  * conv kernel [kH, kW, Cin, Cout], Cout units: the kernel column w[..., j] and its gradient
+    g[..., j] flattened (kH·kW·Cin each), the layer input (Cin, the same for every unit) and the
+    unit's output (1): 2·kH·kW·Cin + Cin + 1 → kH·kW·Cin (3×3×10: 191 → 90). A dense kernel
+    [Din, Dout] is the kH = kW = 1 case.
+  * 1-D leaf [C] (GroupNorm scale/bias, dense bias), one unit: w, g, an activation vector of
+    width C and the mean of the layer's output: 3·C + 1 → C (§5.1: "Cin × 3 + 1"). The vector is
+    the layer input for a GroupNorm (its pre-activation, width C) and the layer output for a
+    dense bias (whose input has Din entries; the bias acts on the output). Which one is decided
+    by the layer (a sibling 2-D kernel means dense), not by comparing widths.
+
+Choices the paper leaves open:
+  * Input normalisation: weights (~1e-1), gradients (~1e-3) and activations differ by orders of
+    magnitude across layers and over training, and an LSTM reading raw values would barely see
+    the gradients. Each of the four inputs (w, g, input and output activation) is divided by its
+    own RMS over the whole leaf / tap vector, with the gradient of the RMS stopped, plus `eps`,
+    then clipped to ±`clip`. δ is thus invariant to rescaling any one of them.
+  * ReLU on the feed-forward output of every LSTM layer ("ReLU in the hidden layers"); the
+    recurrence uses the raw h. LSTM weights use flax's init (lecun-normal input kernels,
+    orthogonal recurrent kernels, zero biases) drawn in a few batched calls, because per-call
+    random init compiles slowly on XLA:CPU (see `l2r.models.convnet.fast_init`).
+  * Output (§5.1): dense with zero weights and bias 1, tanh, times a learnable per-leaf scale
+    initialised to 1/tanh(1), so δ ≡ 1 at initialisation (up to float rounding): plain SGD.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from jax import lax
+
+Path = tuple[str, ...]
+_HINT = (
+    "pass make()/apply() the backbone params only (not the classification heads, which are "
+    "trained by plain SGD) and the taps of the same backbone: model.apply(params, x, taps=True)."
+)
+
+
+class Config(NamedTuple):
+    """Meta-learner hyper-parameters.
+
+    Attributes:
+      hidden_kernel: LSTM width for conv and dense kernels (§5.1: 64).
+      hidden_vector: LSTM width for 1-D leaves, GroupNorm γ/β and dense biases (§5.1: 32).
+      num_layers: stacked LSTM layers (§5.1: 3).
+      clip: RMS-normalised inputs are clipped to [-clip, clip].
+      first_order: stop gradients through the LSTM inputs (w, g, activations), so meta-gradients
+        skip the second-order path through ĝ; pair with `update(..., first_order=True)` to also
+        treat g in the update as a constant.
+      eps: added to each RMS before dividing.
+    """
+
+    hidden_kernel: int = 64
+    hidden_vector: int = 32
+    num_layers: int = 3
+    clip: float = 5.0
+    first_order: bool = False
+    eps: float = 1e-8
+
+
+class Leaf(NamedTuple):
+    """Static description of one parameter leaf and of its LSTM."""
+
+    path: Path  # Key path in the params tree, e.g. ("stage1_block0", "conv1", "kernel").
+    tap: str  # Key in taps, e.g. "stage1_block0/conv1".
+    shape: tuple[int, ...]  # The leaf's shape.
+    units: int  # LSTM batch: Cout for kernels, 1 for 1-D leaves.
+    in_size: int  # 2·K + Cin + 1 for kernels (K = kH·kW·Cin), 3·C + 1 for 1-D leaves.
+    out_size: int  # K for kernels, C for 1-D leaves.
+    hidden: int  # LSTM width.
+    act: str  # Tap field feeding a 1-D leaf's activation vector ("inputs"/"outputs"); "" else.
+
+
+class State(NamedTuple):
+    """LSTM memory. `lstm` mirrors params: each leaf holds one (c, h) per layer, [units, H]."""
+
+    lstm: dict
+
+
+def _get(tree: Any, path: Path) -> Any:
+    return functools.reduce(lambda t, k: t[k], path, tree)
+
+
+def _name(path: Path) -> str:
+    return "/".join(path)
+
+
+def _flat(tree: Any, what: str) -> dict[Path, Any]:
+    if not isinstance(tree, dict) or not tree:
+        raise ValueError(f"metalearner: {what} must be a non-empty nested dict; {_HINT}")
+    return traverse_util.flatten_dict(tree)
+
+
+def _describe(path: Path, shape: tuple[int, ...], flat: dict[Path, Any], config: Config) -> Leaf:
+    name, tap = _name(path), _name(path[:-1])
+    if len(shape) in (2, 4):  # Dense [Din, Dout] is a 1x1 conv [1, 1, Din, Dout].
+        k, cin, cout = math.prod(shape[:-1]), shape[-2], shape[-1]
+        return Leaf(path, tap, shape, cout, 2 * k + cin + 1, k, config.hidden_kernel, "")
+    if len(shape) == 1:
+        sibling = flat.get((*path[:-1], "kernel"))
+        act = "outputs" if sibling is not None and len(sibling.shape) == 2 else "inputs"
+        return Leaf(path, tap, shape, 1, 3 * shape[0] + 1, shape[0], config.hidden_vector, act)
+    raise ValueError(
+        f"metalearner: parameter {name!r} has shape {shape}; expected a conv kernel "
+        f"[kH, kW, Cin, Cout], a dense kernel [Din, Dout] or a 1-D scale/bias [C]."
+    )
+
+
+def _check_tap(leaf: Leaf, taps: Any) -> None:
+    if not isinstance(taps, dict) or leaf.tap not in taps:
+        known = sorted(taps) if isinstance(taps, dict) else type(taps).__name__
+        raise ValueError(
+            f"metalearner: no tap {leaf.tap!r} for parameter {_name(leaf.path)!r} (taps: "
+            f"{known}); {_HINT}"
+        )
+    tap = taps[leaf.tap]
+    if len(leaf.shape) == 1:
+        widths = {leaf.act: leaf.shape[0]}
+    else:
+        widths = {"inputs": leaf.shape[-2], "outputs": leaf.shape[-1]}
+    for field, width in widths.items():
+        got = tuple(getattr(tap, field).shape)
+        if len(got) != 2 or got[1] != width:
+            raise ValueError(
+                f"metalearner: tap {leaf.tap!r}.{field} has shape {got} but parameter "
+                f"{_name(leaf.path)!r} {leaf.shape} needs [N, {width}]; {_HINT}"
+            )
+
+
+def _check_tree(leaves: tuple[Leaf, ...], tree: Any, what: str) -> dict[Path, Any]:
+    flat = _flat(tree, what)
+    want = {leaf.path: leaf.shape for leaf in leaves}
+    got = {path: tuple(jnp.shape(x)) for path, x in flat.items()}
+    if got != want:
+        missing = sorted(_name(p) for p in want.keys() - got.keys())
+        extra = sorted(_name(p) for p in got.keys() - want.keys())
+        shapes = [f"{_name(p)}: {got[p]} != {s}" for p, s in want.items() if got.get(p, s) != s]
+        raise ValueError(
+            f"metalearner: {what} do not match the params given to make(): missing {missing}, "
+            f"unexpected {extra}, shape mismatches {shapes}; {_HINT}"
+        )
+    return flat
+
+
+def _scale(x: jax.Array) -> jax.Array:
+    """RMS of the whole tensor, gradient stopped: a scale, not a path for meta-gradients."""
+    return lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(x))))
+
+
+def _cell(hidden: int) -> nn.OptimizedLSTMCell:
+    return nn.OptimizedLSTMCell(features=hidden)
+
+
+@functools.cache
+def _cell_shapes(in_size: int, hidden: int) -> dict[Path, tuple[int, ...]]:
+    carry = (jax.ShapeDtypeStruct((1, hidden), jnp.float32),) * 2
+    x = jax.ShapeDtypeStruct((1, in_size), jnp.float32)
+    abstract = jax.eval_shape(_cell(hidden).init, jax.random.key(0), carry, x)["params"]
+    return {p: v.shape for p, v in traverse_util.flatten_dict(abstract).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaLearner:
+    """The gates of one backbone's parameter leaves, as pure functions (build with `make`).
+
+    Attributes:
+      leaves: one `Leaf` per backbone parameter leaf, in params order.
+      config: the hyper-parameters.
+    """
+
+    leaves: tuple[Leaf, ...]
+    config: Config
+
+    def init(self, key: jax.Array) -> dict:
+        """θ: a nested dict mirroring params; each leaf holds {"lstm{l}": flax cell params,
+        "out": {"kernel": [H, out] zeros, "bias": [out] ones}, "scale": [] = 1/tanh(1)}."""
+        shapes = {}  # Flat θ path -> shape, for every LSTM weight.
+        for leaf in self.leaves:
+            for layer in range(self.config.num_layers):
+                in_size = leaf.in_size if layer == 0 else leaf.hidden
+                for p, shape in _cell_shapes(in_size, leaf.hidden).items():
+                    shapes[(*leaf.path, f"lstm{layer}", *p)] = shape
+        inputs = [p for p in shapes if p[-1] == "kernel" and p[-2].startswith("i")]
+        recurrent = [p for p in shapes if p[-1] == "kernel" and p[-2].startswith("h")]
+        k_in, k_rec = jax.random.split(key)
+        # Lecun-normal (untruncated) input kernels, one draw for all.
+        noise = jax.random.normal(k_in, (sum(math.prod(shapes[p]) for p in inputs),))
+        flat, offset = {}, 0
+        for p in inputs:
+            size = math.prod(shapes[p])
+            flat[p] = noise[offset : offset + size].reshape(shapes[p]) / math.sqrt(shapes[p][0])
+            offset += size
+        # Orthogonal recurrent kernels, one batched QR per hidden size.
+        for i, h in enumerate(sorted({shapes[p][0] for p in recurrent})):
+            group = [p for p in recurrent if shapes[p][0] == h]
+            q, r = jnp.linalg.qr(
+                jax.random.normal(jax.random.fold_in(k_rec, i), (len(group), h, h))
+            )
+            q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+            flat.update(zip(group, q, strict=True))
+        for p, shape in shapes.items():
+            if p not in flat:
+                if p[-1] != "bias":
+                    raise ValueError(f"metalearner.init: no rule for LSTM weight {_name(p)}.")
+                flat[p] = jnp.zeros(shape)
+        for leaf in self.leaves:  # §5.1: output weights 0, bias 1, learnable scale.
+            flat[(*leaf.path, "out", "kernel")] = jnp.zeros((leaf.hidden, leaf.out_size))
+            flat[(*leaf.path, "out", "bias")] = jnp.ones((leaf.out_size,))
+            flat[(*leaf.path, "scale")] = 1.0 / jnp.tanh(jnp.ones(()))
+        return traverse_util.unflatten_dict(flat)
+
+    def init_state(self, dtype: Any = jnp.float32) -> State:
+        """Zero LSTM memory (start of an episode): per leaf, num_layers × (c, h) [units, H]."""
+        zeros = lambda leaf: jnp.zeros((leaf.units, leaf.hidden), dtype)
+        return State(
+            traverse_util.unflatten_dict(
+                {
+                    leaf.path: tuple(
+                        (zeros(leaf), zeros(leaf)) for _ in range(self.config.num_layers)
+                    )
+                    for leaf in self.leaves
+                }
+            )
+        )
+
+    def apply(
+        self, theta: dict, state: State, params: dict, grads: dict, taps: dict
+    ) -> tuple[dict, State]:
+        """Gates δ for one student step (§4: δ·j = f(w·j, g·j, h, h'j; θ)).
+
+        Args:
+          theta: from `init`.
+          state: from `init_state` or the previous `apply`.
+          params: backbone params, shaped as given to `make`.
+          grads: gradients of the student loss, same tree as params.
+          taps: {layer path: Tap(inputs [N, Cin], outputs [N, Cout])} from the forward pass
+            that produced grads (extra entries are ignored).
+
+        Returns:
+          (deltas, state): deltas has the tree and shapes of params; state the new LSTM memory.
+          Add a leading episode axis to state/params/grads/taps with `jax.vmap` (θ unbatched).
+        """
+        cfg = self.config
+        flat_w = _check_tree(self.leaves, params, "params")
+        flat_g = _check_tree(self.leaves, grads, "grads")
+        deltas, memory = {}, {}
+        for leaf in self.leaves:
+            _check_tap(leaf, taps)
+            inputs = (flat_w[leaf.path], flat_g[leaf.path], taps[leaf.tap])
+            if cfg.first_order:
+                inputs = lax.stop_gradient(inputs)
+            w, g, tap = inputs
+            norm = lambda x: jnp.clip(x / (_scale(x) + cfg.eps), -cfg.clip, cfg.clip)
+            h_in, h_out = norm(tap.inputs.mean(0)), norm(tap.outputs.mean(0))
+            if w.ndim == 1:
+                act = h_in if leaf.act == "inputs" else h_out
+                x = jnp.concatenate([norm(w), norm(g), act, h_out.mean(keepdims=True)])[None]
+            else:
+                cout = w.shape[-1]
+                w_UxK, g_UxK = norm(w).reshape(-1, cout).T, norm(g).reshape(-1, cout).T
+                h_in_UxC = jnp.broadcast_to(h_in, (cout, h_in.shape[0]))
+                x = jnp.concatenate([w_UxK, g_UxK, h_in_UxC, h_out[:, None]], axis=1)
+            carry, new = _get(state.lstm, leaf.path), []
+            th = _get(theta, leaf.path)
+            for layer in range(cfg.num_layers):
+                c_h, x = _cell(leaf.hidden).apply({"params": th[f"lstm{layer}"]}, carry[layer], x)
+                new.append(c_h)
+                x = jax.nn.relu(x)  # §5.1: ReLU in the hidden layers.
+            z = x @ th["out"]["kernel"] + th["out"]["bias"]
+            delta_UxO = th["scale"] * jnp.tanh(z)  # §5.1: tanh output, learnable scale.
+            deltas[leaf.path] = delta_UxO[0] if w.ndim == 1 else delta_UxO.T.reshape(w.shape)
+            memory[leaf.path] = tuple(new)
+        unflat = traverse_util.unflatten_dict
+        return unflat(deltas), State(unflat(memory))
+
+
+def make(params: dict, taps: dict, config: Config | None = None) -> MetaLearner:
+    """Builds the meta-learner of a backbone from shapes only.
+
+    Args:
+      params: backbone params (arrays or `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`);
+        leaves are conv kernels [kH, kW, Cin, Cout], dense kernels [Din, Dout] or 1-D [C].
+      taps: {layer path: Tap} of the same backbone (arrays or shape structs).
+      config: hyper-parameters (default `Config()`).
+
+    Returns:
+      The `MetaLearner`.
+
+    Raises:
+      ValueError: a leaf of another rank, a leaf without a tap, or a tap of the wrong width.
+    """
+    config = Config() if config is None else config
+    flat = _flat(params, "params")
+    leaves = tuple(_describe(path, tuple(x.shape), flat, config) for path, x in flat.items())
+    for leaf in leaves:
+        _check_tap(leaf, taps)
+    return MetaLearner(leaves, config)
+
+
+def update(
+    params: dict, grads: dict, deltas: dict, lr: float, *, first_order: bool = False
+) -> dict:
+    """The student step w − lr · δ ⊙ g (§4), leaf by leaf.
+
+    With `first_order`, g is a constant for meta-gradients (no Hessian term through ĝ).
+    """
+    if first_order:
+        grads = lax.stop_gradient(grads)
+    return jax.tree.map(lambda w, g, d: w - lr * d * g, params, grads, deltas)
