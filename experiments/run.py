@@ -24,7 +24,7 @@ flags.DEFINE_bool("overwrite", False, "Replace finished results already in --wor
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-PIPELINES = {"fig1": "l2r.forgetting"}
+PIPELINES = {"fig1": "l2r.forgetting", "exp1": "l2r.remember"}
 
 
 def quiet_libraries(record) -> bool:

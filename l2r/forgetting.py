@@ -105,24 +105,18 @@ def initial_networks(config, pretrained, num_classes_b: int, rep_dim: int):
     }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the Fig.-1 experiment of `config` and writes its artefacts into `workdir`."""
-    check_config(config)
-    task_a, task_b, mean, std = build_tasks(config)
-    check_sizes(config, task_a, task_b)
-    # Everything is validated: from here on the workdir is written to.
-    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-    model = make_model(config)
+def compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods) -> dict:
+    """Runs every `Method` of `methods` on Task B over `num_seeds` seeds, probed identically.
+
+    Returns:
+      {"methods": {name: {metric: [S, P]}}, "steps", "seeds", "timing": {"task_b_s", "probe_s"}}.
+    """
     streams = run_b.make_streams(
         config, len(task_b.train.labels), len(task_a.train.labels), config.num_seeds
     )
-
     data_a = training.to_device(task_a, mean, std)
     data_b = training.to_device(task_b, mean, std)
-    t0 = time.time()
-    pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
     networks0 = initial_networks(config, pretrained, task_b.num_classes, model.representation_dim)
-
     sets = run_b.ProbeSets(
         a=probe_task(task_a, mean, std, config.readout, "probe_a", config.seed),
         b=probe_task(task_b, mean, std, config.readout, "probe_b", config.seed),
@@ -139,32 +133,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         100 * float(np.mean(initial[0]["original_A"])),
     )
     probe_s = time.time() - t1
-
-    methods, train_times = {}, {}
-    for name in config.task_b.methods:
-        method = make_method(name, model, config.task_b.learning_rate)
+    histories, train_times = {}, {}
+    for method in methods:
         history, train_s, method_probe_s = run_b.run_method(
             method, networks0, data_a, data_b, streams, config, probe_fn, sets, initial
         )
-        methods[name] = history
-        train_times[name] = train_s
+        histories[method.name] = history
+        train_times[method.name] = train_s
         probe_s += method_probe_s
+    return {
+        "steps": list(range(0, config.task_b.steps + 1, config.task_b.probe_every)),
+        "seeds": list(range(config.num_seeds)),
+        "methods": histories,
+        "timing": {"task_b_s": train_times, "probe_s": probe_s},
+    }
 
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the Fig.-1 experiment of `config` and writes its artefacts into `workdir`."""
+    check_config(config)
+    task_a, task_b, mean, std = build_tasks(config)
+    check_sizes(config, task_a, task_b)
+    # Everything is validated: from here on the workdir is written to.
+    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    model = make_model(config)
+    t0 = time.time()
+    data_a = training.to_device(task_a, mean, std)
+    pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
+    methods = [make_method(n, model, config.task_b.learning_rate) for n in config.task_b.methods]
+    compared = compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods)
     results = {
         "experiment": config.experiment,
         "preset": config.preset,
         "config": config.to_dict(),
-        "steps": list(range(0, config.task_b.steps + 1, config.task_b.probe_every)),
-        "seeds": list(range(config.num_seeds)),
+        **compared,
         "pretrain_test_accuracy": pre_acc,
-        "methods": methods,
-        "timing": {
-            "pretrain_s": pretrain_s,
-            "task_b_s": train_times,
-            "probe_s": probe_s,
-            "total_s": time.time() - t0,
-        },
     }
+    results["timing"].update(pretrain_s=pretrain_s, total_s=time.time() - t0)
     paths = report.write_report(results, workdir, prefix="fig1")
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
     logging.info("Wrote %s", ", ".join(paths.values()))

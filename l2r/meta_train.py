@@ -1,0 +1,374 @@
+"""Algorithm 1 (paper §4): meta-train the update rule to follow a multi-task teacher.
+
+Every episode starts teacher and student from the same pre-trained network w0 (with a fresh
+Task-B head). At each inner step the teacher takes an SGD step on x_a ∪ x_b, the student a step
+on x_b through the meta-learner, and the meta-loss is `c · Huber(h, ĥ)` between their
+penultimate representations on x_a ∪ x_b; θ takes an Adam step **every inner step**, with the
+gradient back-propagated through the steps since the last truncation boundary (T-BPTT).
+
+How the loop is laid out (one compiled call per truncation window of s steps, E episodes):
+  1. the teacher's s steps and representations are computed first (they do not depend on θ);
+  2. for k = 1..s (a `lax.scan`): the student is re-run from the window's start for k steps
+     (a `lax.scan` whose body is under `jax.checkpoint`; steps past k are skipped by `lax.cond`),
+     L_k is computed and θ takes one Adam step. Re-running from the boundary makes every
+     meta-gradient exactly "back-propagate through the last k steps" with the current θ,
+     at (s + 1) / 2 student steps per inner step on average. `meta.update_every_step=False`
+     instead takes one step per window on the mean of L_1..L_s (classic T-BPTT, s times fewer
+     meta-steps, one student pass per inner step);
+  3. the window's last state is carried on, cut from the graph (truncation).
+Episodes are a leading axis (`training.map_seeds`: sequential on CPU, vmapped elsewhere); the
+meta-gradient is the mean over episodes alive at that step.
+
+Restarts (Algorithm 1, line 25): an episode whose loss exceeds the curriculum threshold stops
+contributing for the rest of the window and restarts from w0 at the window's end (at most s − 1
+steps later than the paper's immediate restart), as does one that reached `meta.inner_steps`.
+A non-finite loss or meta-gradient never reaches θ: the Adam step is skipped, counted, and the
+offending episodes restart.
+"""
+
+import functools
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from l2r import metalearner, models, report, rng, training
+from l2r.methods import Batch, make_teacher
+from l2r.methods.learned import build_metalearner, student_step
+
+
+class Episodes(NamedTuple):
+    """E episodes in flight (leading axis E on every leaf)."""
+
+    teacher: dict  # {'backbone', 'head_a', 'head_b'}
+    student: dict  # {'backbone', 'head_a', 'head_b'}
+    lstm: metalearner.State
+    step: jax.Array  # int32 [E]: inner steps taken since the episode (re)started
+    id: jax.Array  # int32 [E]: global episode number (its w0 checkpoint and Task-B head)
+
+
+class MetaState(NamedTuple):
+    """Everything a resumed run needs; saved by Orbax as one pytree."""
+
+    theta: dict
+    opt_state: optax.OptState
+    episodes: Episodes
+    window: jax.Array  # int32: windows done (the data stream position)
+    episodes_started: jax.Array  # int32: next episode id
+    episodes_done: jax.Array  # int32: episodes finished (restarted or complete): curriculum i
+    skipped: jax.Array  # int32: meta-steps skipped for non-finite values
+    restarts: jax.Array  # int32: episodes restarted for exceeding the threshold
+
+
+def curriculum(cfg: ml_collections.ConfigDict, episodes_done: int) -> tuple[float, int]:
+    """(loss threshold, T-BPTT steps) after `episodes_done` episodes (§5: +5 / +2 every 300)."""
+    stage = episodes_done // cfg.curriculum_every
+    threshold = min(cfg.threshold + stage * cfg.threshold_step, cfg.threshold_max)
+    tbptt = min(cfg.tbptt + stage * cfg.tbptt_step, cfg.tbptt_max)
+    return float(threshold), int(tbptt)
+
+
+def rep_loss(h_teacher, h_student, cfg) -> jax.Array:
+    """c · Huber(h, ĥ), mean over examples and units (§4). `standardized` departs from the
+    paper: both are divided by the teacher's per-unit std over the batch (stop-gradient), so
+    the student cannot lower the loss by shrinking its representation."""
+    if cfg.rep_loss == "standardized":
+        scale = jax.lax.stop_gradient(jnp.std(h_teacher, axis=0) + 1e-3)
+        h_teacher, h_student = h_teacher / scale, h_student / scale
+    return cfg.loss_scale * jnp.mean(optax.huber_loss(h_student, h_teacher, delta=1.0))
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.learning_rate))
+
+
+class MetaTrainer:
+    """Compiled pieces of Algorithm 1 for one model, task pair and config."""
+
+    def __init__(self, config, model: models.Model, pretrained, data_a, data_b):
+        self.cfg = config.meta
+        self.seed = config.seed
+        self.model = model
+        self.pretrained = pretrained  # stacked [n_ckpt, ...] {'backbone', 'head'}
+        self.data_a, self.data_b = data_a, data_b
+        self.lr = config.task_b.learning_rate  # §3: α = 0.1 for teacher and student
+        # §3: teacher batch 128 (64 A + 64 B), student batch 64 (B only).
+        self.batch_a, self.batch_b = config.task_b.teacher_batch_a, config.task_b.batch_size
+        self.num_classes_b = int(np.asarray(data_b.train_labels).max()) + 1
+        shape = (1, *data_b.train_images.shape[1:])
+        ml_cfg = metalearner.Config(
+            hidden_kernel=self.cfg.hidden_kernel,
+            hidden_vector=self.cfg.hidden_vector,
+            clip=self.cfg.input_clip,
+            first_order=self.cfg.first_order,
+        )
+        self.ml = build_metalearner(model, shape, ml_cfg)
+        self.opt = make_optimizer(self.cfg)
+        self.teacher = make_teacher(model, self.lr)
+        self._windows = {}
+
+    # -- episodes ---------------------------------------------------------------------------
+
+    def _network0(self, episode_id):
+        """w0 of an episode: its pre-trained checkpoint and a fresh Task-B head."""
+        n = jax.tree.leaves(self.pretrained)[0].shape[0]
+        net = jax.tree.map(lambda a: a[episode_id % n], self.pretrained)
+        key = jax.random.fold_in(rng.key_for(self.seed, "meta_head_b"), episode_id)
+        head_b = models.init_head(key, self.model.representation_dim, self.num_classes_b)
+        return {"backbone": net["backbone"], "head_a": net["head"], "head_b": head_b}
+
+    def _fresh(self, ids):
+        nets = jax.vmap(self._network0)(ids)
+        lstm = jax.vmap(lambda _: self.ml.init_state())(ids)
+        return Episodes(nets, nets, lstm, jnp.zeros_like(ids), ids)
+
+    def init(self) -> MetaState:
+        e = self.cfg.num_episodes_parallel
+        theta = self.ml.init(rng.key_for(self.seed, "theta"))
+        i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+        episodes = jax.jit(self._fresh)(jnp.arange(e, dtype=jnp.int32))
+        return MetaState(theta, self.opt.init(theta), episodes, i32(0), i32(e), i32(0), i32(0),
+                         i32(0))  # fmt: skip
+
+    # -- one truncation window ----------------------------------------------------------------
+
+    def _teacher_window(self, teacher, idx_a, idx_b):
+        """The teacher's s SGD steps on A∪B and its representations after each: [s, Ba+Bb, D]."""
+
+        def body(network, idx):
+            x_a, y_a = training.gather(self.data_a, idx[0])
+            x_b, y_b = training.gather(self.data_b, idx[1])
+            network, _ = self.teacher.step(network, Batch(x_b, y_b, x_a, y_a), None)
+            x_ab = jnp.concatenate([x_a, x_b])
+            return network, self.model.apply(network["backbone"], x_ab).representation
+
+        return jax.lax.scan(body, teacher, (idx_a, idx_b))
+
+    def _student_loss(self, theta, student, lstm, idx_a, idx_b, h_teacher, k, num_steps):
+        """L_k of one episode: the student re-run k steps from the window start."""
+
+        def body(carry, xs):
+            j, ib = xs
+
+            def advance(c):
+                x_b, y_b = training.gather(self.data_b, ib)
+                net, mem, _, _ = student_step(self.model, self.ml, theta, self.lr, *c, x_b, y_b)
+                return net, mem
+
+            return jax.lax.cond(j < k, advance, lambda c: c, carry), None
+
+        body = jax.checkpoint(body)
+        steps = jnp.arange(num_steps)
+        (net, mem), _ = jax.lax.scan(body, (student, lstm), (steps, idx_b))
+        x_a, _ = training.gather(self.data_a, idx_a[k - 1])
+        x_b, _ = training.gather(self.data_b, idx_b[k - 1])
+        h_student = self.model.apply(net["backbone"], jnp.concatenate([x_a, x_b])).representation
+        return rep_loss(h_teacher[k - 1], h_student, self.cfg), (net, mem)
+
+    def _window_fn(self, num_steps: int):
+        """Jitted (state, idx_a [E,s,Ba], idx_b [E,s,Bb], threshold) -> (state, metrics)."""
+        if num_steps in self._windows:
+            return self._windows[num_steps]
+        cfg, opt = self.cfg, self.opt
+
+        def losses(theta, eps, idx_a, idx_b, h_teacher, k):
+            fn = lambda st, mem, ia, ib, h: self._student_loss(  # noqa: E731
+                theta, st, mem, ia, ib, h, k, num_steps
+            )
+            return training.map_seeds(fn, eps.student, eps.lstm, idx_a, idx_b, h_teacher)
+
+        def meta_update(theta, opt_state, grads, ok):
+            updates, new_opt = opt.update(grads, opt_state, theta)
+            new_theta = optax.apply_updates(theta, updates)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+            return keep(new_theta, theta), keep(new_opt, opt_state)
+
+        def window(state: MetaState, idx_a, idx_b, threshold):
+            eps = state.episodes
+            teachers, h_teacher = training.map_seeds(self._teacher_window, eps.teacher, idx_a,
+                                                     idx_b)  # fmt: skip
+            e = eps.step.shape[0]
+
+            def mean_loss(theta, k, alive):
+                per_episode, aux = losses(theta, eps, idx_a, idx_b, h_teacher, k)
+                w = alive.astype(jnp.float32)
+                total = jnp.sum(jnp.where(alive, per_episode, 0.0)) / jnp.maximum(w.sum(), 1.0)
+                return total, (per_episode, aux)
+
+            def finite(tree):
+                return functools.reduce(
+                    jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+                )
+
+            if cfg.update_every_step:
+
+                def step_k(carry, k):
+                    theta, opt_state, alive, skipped, _ = carry
+                    (m, (per_ep, aux)), g = jax.value_and_grad(mean_loss, has_aux=True)(
+                        theta, k, alive
+                    )
+                    ok = finite(m) & finite(g)
+                    theta, opt_state = meta_update(theta, opt_state, g, ok)
+                    new_alive = alive & jnp.isfinite(per_ep) & (per_ep <= threshold)
+                    carry = (theta, opt_state, new_alive, skipped + (~ok).astype(jnp.int32), aux)
+                    return carry, (m, per_ep)
+
+                carry0 = (state.theta, state.opt_state, jnp.ones(e, bool), state.skipped,
+                          (eps.student, eps.lstm))  # fmt: skip
+                ks = jnp.arange(1, num_steps + 1)
+                (theta, opt_state, alive, skipped, (students, lstms)), (m, per_ep) = jax.lax.scan(
+                    step_k, carry0, ks
+                )
+                loss_k = per_ep  # [s, E]
+            else:
+
+                def window_loss(theta):
+                    # One pass over the window: L_1..L_s from the states along the way.
+                    def body(carry, xs):
+                        net, mem = carry
+                        ia, ib, h_t = xs
+                        x_b, y_b = training.gather(self.data_b, ib)
+                        net, mem, _, _ = student_step(
+                            self.model, self.ml, theta, self.lr, net, mem, x_b, y_b
+                        )
+                        x_a, _ = training.gather(self.data_a, ia)
+                        h_s = self.model.apply(
+                            net["backbone"], jnp.concatenate([x_a, x_b])
+                        ).representation
+                        return (net, mem), rep_loss(h_t, h_s, cfg)
+
+                    def one(st, mem, ia, ib, h):
+                        (net, mem), ls = jax.lax.scan(jax.checkpoint(body), (st, mem), (ia, ib, h))
+                        return ls, (net, mem)
+
+                    ls, aux = training.map_seeds(one, eps.student, eps.lstm, idx_a, idx_b,
+                                                 h_teacher)  # fmt: skip
+                    return jnp.mean(ls), (ls, aux)
+
+                (m, (ls, (students, lstms))), g = jax.value_and_grad(window_loss, has_aux=True)(
+                    state.theta
+                )
+                ok = finite(m) & finite(g)
+                theta, opt_state = meta_update(state.theta, state.opt_state, g, ok)
+                skipped = state.skipped + (~ok).astype(jnp.int32)
+                loss_k = ls.T  # [s, E]
+                alive = jnp.all(jnp.isfinite(ls) & (ls <= threshold), axis=1)
+                m = jnp.mean(ls, axis=1)
+
+            # Window end: carry the states on (truncation: nothing here is differentiated),
+            # restart episodes that exceeded the threshold or finished.
+            steps = eps.step + num_steps
+            done = (~alive) | (steps >= cfg.inner_steps)
+            new_ids = state.episodes_started + jnp.cumsum(done.astype(jnp.int32)) - 1
+            ids = jnp.where(done, new_ids, eps.id)
+            fresh = self._fresh(ids)
+            carried = Episodes(teachers, students, lstms, steps, eps.id)
+            pick = lambda f, c: jnp.where(  # noqa: E731
+                done.reshape((e,) + (1,) * (c.ndim - 1)), f, c
+            )
+            episodes = jax.tree.map(pick, fresh, carried)
+            n_done = jnp.sum(done.astype(jnp.int32))
+            new_state = MetaState(
+                theta, opt_state, episodes, state.window + 1, state.episodes_started + n_done,
+                state.episodes_done + n_done, skipped,
+                state.restarts + jnp.sum((~alive).astype(jnp.int32)),
+            )  # fmt: skip
+            metrics = {"loss": jnp.mean(loss_k), "last_loss": loss_k[-1], "meta_loss": m,
+                       "restarted": ~alive, "finished": done & alive}  # fmt: skip
+            return new_state, metrics
+
+        fn = jax.jit(window)
+        self._windows[num_steps] = fn
+        return fn
+
+    def batches(self, window: int, num_steps: int):
+        """Host-made batch indices of a window: ([E, s, Ba], [E, s, Bb]), a function of the
+        window index alone (so a resumed run sees exactly the batches it would have)."""
+        cfg = self.cfg
+        gen = rng.numpy_rng(self.seed, "meta_batches", window)
+        e = cfg.num_episodes_parallel
+        n_a, n_b = self.data_a.train_labels.shape[0], self.data_b.train_labels.shape[0]
+        idx_a = gen.integers(0, n_a, (e, num_steps, self.batch_a), dtype=np.int32)
+        idx_b = gen.integers(0, n_b, (e, num_steps, self.batch_b), dtype=np.int32)
+        return idx_a, idx_b
+
+    def run_window(self, state: MetaState):
+        threshold, s = curriculum(self.cfg, int(state.episodes_done))
+        idx_a, idx_b = self.batches(int(state.window), s)
+        state, metrics = self._window_fn(s)(state, idx_a, idx_b, jnp.float32(threshold))
+        return state, metrics, threshold, s
+
+
+# ----------------------------------------------------------------------------------------------
+# The host loop: curriculum, logging, checkpoints and resume.
+
+
+def _finished(cfg, state: MetaState) -> bool:
+    if cfg.max_windows and int(state.window) >= cfg.max_windows:
+        return True
+    return int(state.episodes_done) >= cfg.episodes
+
+
+def meta_train(config, model, pretrained, data_a, data_b, ckpt_dir: str):
+    """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
+    windows), resuming from the latest checkpoint in `ckpt_dir`.
+
+    Returns:
+      (trainer, final MetaState, history {name: list} per window).
+    """
+    cfg = config.meta
+    trainer = MetaTrainer(config, model, pretrained, data_a, data_b)
+    state = trainer.init()
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as manager:
+        history = {k: [] for k in ("window", "episodes_done", "threshold", "tbptt", "loss",
+                                   "restarts", "skipped", "seconds")}  # fmt: skip
+        latest = manager.latest_step()
+        if latest is not None:
+            restored = manager.restore(
+                latest,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(state), history=ocp.args.JsonRestore()
+                ),
+            )
+            state, history = restored.state, restored.history
+            logging.info("Resumed meta-training at window %d (%d episodes done).",
+                         int(state.window), int(state.episodes_done))  # fmt: skip
+        progress = report.Progress(cfg.episodes, "meta-train", unit="episodes",
+                                   start=int(state.episodes_done))  # fmt: skip
+        last_save = time.monotonic()
+
+        def save(state):
+            manager.save(
+                int(state.window),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+                ),
+            )
+
+        while not _finished(cfg, state):
+            t0 = time.monotonic()
+            state, metrics, threshold, s = trainer.run_window(state)
+            loss = float(metrics["loss"])
+            for k, v in (("window", int(state.window)), ("episodes_done", int(state.episodes_done)),
+                         ("threshold", threshold), ("tbptt", s), ("loss", loss),
+                         ("restarts", int(state.restarts)), ("skipped", int(state.skipped)),
+                         ("seconds", time.monotonic() - t0)):  # fmt: skip
+                history[k].append(v)
+            progress.update(int(state.episodes_done), window=int(state.window), loss=loss,
+                            threshold=threshold, tbptt=s, restarts=int(state.restarts),
+                            skipped=int(state.skipped))  # fmt: skip
+            if time.monotonic() - last_save > 60 * cfg.checkpoint_minutes:
+                save(state)
+                last_save = time.monotonic()
+        if manager.latest_step() != int(state.window):
+            save(state)
+        manager.wait_until_finished()
+    return trainer, state, history
