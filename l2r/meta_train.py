@@ -54,6 +54,15 @@ class Episodes(NamedTuple):
     id: jax.Array  # int32 [E]: global episode number (its w0 checkpoint and Task-B head)
 
 
+class Inputs(NamedTuple):
+    """Arrays the compiled window reads; passed as arguments (a closure would bake them into
+    the program as constants)."""
+
+    data_a: training.DeviceTask  # Task A
+    data_b: training.DeviceTask  # Task B (meta-training part)
+    pretrained: dict  # stacked [n_ckpt, ...] {'backbone', 'head'}: the w0 of the episodes
+
+
 class MetaState(NamedTuple):
     """Everything a resumed run needs; saved by Orbax as one pytree."""
 
@@ -96,8 +105,7 @@ class MetaTrainer:
         self.cfg = config.meta
         self.seed = config.seed
         self.model = model
-        self.pretrained = pretrained  # stacked [n_ckpt, ...] {'backbone', 'head'}
-        self.data_a, self.data_b = data_a, data_b
+        self.inputs = Inputs(data_a, data_b, pretrained)
         self.lr = config.task_b.learning_rate  # §3: α = 0.1 for teacher and student
         # §3: teacher batch 128 (64 A + 64 B), student batch 64 (B only).
         self.batch_a, self.batch_b = config.task_b.teacher_batch_a, config.task_b.batch_size
@@ -116,16 +124,16 @@ class MetaTrainer:
 
     # -- episodes ---------------------------------------------------------------------------
 
-    def _network0(self, episode_id):
+    def _network0(self, pretrained, episode_id):
         """w0 of an episode: its pre-trained checkpoint and a fresh Task-B head."""
-        n = jax.tree.leaves(self.pretrained)[0].shape[0]
-        net = jax.tree.map(lambda a: a[episode_id % n], self.pretrained)
+        n = jax.tree.leaves(pretrained)[0].shape[0]
+        net = jax.tree.map(lambda a: a[episode_id % n], pretrained)
         key = jax.random.fold_in(rng.key_for(self.seed, "meta_head_b"), episode_id)
         head_b = models.init_head(key, self.model.representation_dim, self.num_classes_b)
         return {"backbone": net["backbone"], "head_a": net["head"], "head_b": head_b}
 
-    def _fresh(self, ids):
-        nets = jax.vmap(self._network0)(ids)
+    def _fresh(self, pretrained, ids):
+        nets = jax.vmap(self._network0, (None, 0))(pretrained, ids)
         lstm = jax.vmap(lambda _: self.ml.init_state())(ids)
         return Episodes(nets, nets, lstm, jnp.zeros_like(ids), ids)
 
@@ -133,32 +141,34 @@ class MetaTrainer:
         e = self.cfg.num_episodes_parallel
         theta = self.ml.init(rng.key_for(self.seed, "theta"))
         i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-        episodes = jax.jit(self._fresh)(jnp.arange(e, dtype=jnp.int32))
-        return MetaState(theta, self.opt.init(theta), episodes, i32(0), i32(e), i32(0), i32(0),
-                         i32(0))  # fmt: skip
+        episodes = jax.jit(self._fresh)(self.inputs.pretrained, jnp.arange(e, dtype=jnp.int32))
+        state = MetaState(theta, self.opt.init(theta), episodes, i32(0), i32(e), i32(0), i32(0),
+                          i32(0))  # fmt: skip
+        # Committed like the window's outputs: otherwise the second window compiles again.
+        return jax.device_put(state, jax.devices()[0])
 
     # -- one truncation window ----------------------------------------------------------------
 
-    def _teacher_window(self, teacher, idx_a, idx_b):
+    def _teacher_window(self, inp: Inputs, teacher, idx_a, idx_b):
         """The teacher's s SGD steps on A∪B and its representations after each: [s, Ba+Bb, D]."""
 
         def body(network, idx):
-            x_a, y_a = training.gather(self.data_a, idx[0])
-            x_b, y_b = training.gather(self.data_b, idx[1])
+            x_a, y_a = training.gather(inp.data_a, idx[0])
+            x_b, y_b = training.gather(inp.data_b, idx[1])
             network, _ = self.teacher.step(network, Batch(x_b, y_b, x_a, y_a), None)
             x_ab = jnp.concatenate([x_a, x_b])
             return network, self.model.apply(network["backbone"], x_ab).representation
 
         return jax.lax.scan(body, teacher, (idx_a, idx_b))
 
-    def _student_loss(self, theta, student, lstm, idx_a, idx_b, h_teacher, k, num_steps):
+    def _student_loss(self, inp, theta, student, lstm, idx_a, idx_b, h_teacher, k, num_steps):
         """L_k of one episode: the student re-run k steps from the window start."""
 
         def body(carry, xs):
             j, ib = xs
 
             def advance(c):
-                x_b, y_b = training.gather(self.data_b, ib)
+                x_b, y_b = training.gather(inp.data_b, ib)
                 net, mem, _, _ = student_step(self.model, self.ml, theta, self.lr, *c, x_b, y_b)
                 return net, mem
 
@@ -167,8 +177,8 @@ class MetaTrainer:
         body = jax.checkpoint(body)
         steps = jnp.arange(num_steps)
         (net, mem), _ = jax.lax.scan(body, (student, lstm), (steps, idx_b))
-        x_a, _ = training.gather(self.data_a, idx_a[k - 1])
-        x_b, _ = training.gather(self.data_b, idx_b[k - 1])
+        x_a, _ = training.gather(inp.data_a, idx_a[k - 1])
+        x_b, _ = training.gather(inp.data_b, idx_b[k - 1])
         h_student = self.model.apply(net["backbone"], jnp.concatenate([x_a, x_b])).representation
         return rep_loss(h_teacher[k - 1], h_student, self.cfg), (net, mem)
 
@@ -178,11 +188,16 @@ class MetaTrainer:
             return self._windows[num_steps]
         cfg, opt = self.cfg, self.opt
 
-        def losses(theta, eps, idx_a, idx_b, h_teacher, k):
-            fn = lambda st, mem, ia, ib, h: self._student_loss(  # noqa: E731
-                theta, st, mem, ia, ib, h, k, num_steps
-            )
-            return training.map_seeds(fn, eps.student, eps.lstm, idx_a, idx_b, h_teacher)
+        def losses(inp, theta, eps, idx_a, idx_b, h_teacher, k, alive):
+            def fn(st, mem, ia, ib, h, alive_e):
+                # A dead (restarting) episode sees a constant θ: masking its loss alone would
+                # still send 0 · NaN = NaN back from a diverged student into the meta-gradient.
+                theta_e = jax.tree.map(
+                    lambda t: jnp.where(alive_e, t, jax.lax.stop_gradient(t)), theta
+                )
+                return self._student_loss(inp, theta_e, st, mem, ia, ib, h, k, num_steps)
+
+            return training.map_seeds(fn, eps.student, eps.lstm, idx_a, idx_b, h_teacher, alive)
 
         def meta_update(theta, opt_state, grads, ok):
             updates, new_opt = opt.update(grads, opt_state, theta)
@@ -190,14 +205,15 @@ class MetaTrainer:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
             return keep(new_theta, theta), keep(new_opt, opt_state)
 
-        def window(state: MetaState, idx_a, idx_b, threshold):
+        def window(state: MetaState, inp: Inputs, idx_a, idx_b, threshold):
             eps = state.episodes
-            teachers, h_teacher = training.map_seeds(self._teacher_window, eps.teacher, idx_a,
+            teacher_fn = functools.partial(self._teacher_window, inp)
+            teachers, h_teacher = training.map_seeds(teacher_fn, eps.teacher, idx_a,
                                                      idx_b)  # fmt: skip
             e = eps.step.shape[0]
 
             def mean_loss(theta, k, alive):
-                per_episode, aux = losses(theta, eps, idx_a, idx_b, h_teacher, k)
+                per_episode, aux = losses(inp, theta, eps, idx_a, idx_b, h_teacher, k, alive)
                 w = alive.astype(jnp.float32)
                 total = jnp.sum(jnp.where(alive, per_episode, 0.0)) / jnp.maximum(w.sum(), 1.0)
                 return total, (per_episode, aux)
@@ -234,11 +250,11 @@ class MetaTrainer:
                     def body(carry, xs):
                         net, mem = carry
                         ia, ib, h_t = xs
-                        x_b, y_b = training.gather(self.data_b, ib)
+                        x_b, y_b = training.gather(inp.data_b, ib)
                         net, mem, _, _ = student_step(
                             self.model, self.ml, theta, self.lr, net, mem, x_b, y_b
                         )
-                        x_a, _ = training.gather(self.data_a, ia)
+                        x_a, _ = training.gather(inp.data_a, ia)
                         h_s = self.model.apply(
                             net["backbone"], jnp.concatenate([x_a, x_b])
                         ).representation
@@ -268,7 +284,7 @@ class MetaTrainer:
             done = (~alive) | (steps >= cfg.inner_steps)
             new_ids = state.episodes_started + jnp.cumsum(done.astype(jnp.int32)) - 1
             ids = jnp.where(done, new_ids, eps.id)
-            fresh = self._fresh(ids)
+            fresh = self._fresh(inp.pretrained, ids)
             carried = Episodes(teachers, students, lstms, steps, eps.id)
             pick = lambda f, c: jnp.where(  # noqa: E731
                 done.reshape((e,) + (1,) * (c.ndim - 1)), f, c
@@ -294,7 +310,8 @@ class MetaTrainer:
         cfg = self.cfg
         gen = rng.numpy_rng(self.seed, "meta_batches", window)
         e = cfg.num_episodes_parallel
-        n_a, n_b = self.data_a.train_labels.shape[0], self.data_b.train_labels.shape[0]
+        n_a = self.inputs.data_a.train_labels.shape[0]
+        n_b = self.inputs.data_b.train_labels.shape[0]
         idx_a = gen.integers(0, n_a, (e, num_steps, self.batch_a), dtype=np.int32)
         idx_b = gen.integers(0, n_b, (e, num_steps, self.batch_b), dtype=np.int32)
         return idx_a, idx_b
@@ -302,7 +319,8 @@ class MetaTrainer:
     def run_window(self, state: MetaState):
         threshold, s = curriculum(self.cfg, int(state.episodes_done))
         idx_a, idx_b = self.batches(int(state.window), s)
-        state, metrics = self._window_fn(s)(state, idx_a, idx_b, jnp.float32(threshold))
+        window = self._window_fn(s)
+        state, metrics = window(state, self.inputs, idx_a, idx_b, jnp.float32(threshold))
         return state, metrics, threshold, s
 
 
@@ -316,15 +334,18 @@ def _finished(cfg, state: MetaState) -> bool:
     return int(state.episodes_done) >= cfg.episodes
 
 
-def meta_train(config, model, pretrained, data_a, data_b, ckpt_dir: str):
+def meta_train(config, model, pretrained, data_a, data_b, ckpt_dir: str, trainer=None):
     """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
     windows), resuming from the latest checkpoint in `ckpt_dir`.
+
+    Args:
+      trainer: a `MetaTrainer` built for the same arguments, to reuse its compiled windows.
 
     Returns:
       (trainer, final MetaState, history {name: list} per window).
     """
     cfg = config.meta
-    trainer = MetaTrainer(config, model, pretrained, data_a, data_b)
+    trainer = trainer or MetaTrainer(config, model, pretrained, data_a, data_b)
     state = trainer.init()
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as manager:
