@@ -77,7 +77,7 @@ def plot_meta(history, deltas, workdir) -> list[str]:
     ax2.plot(history["episodes_done"], history["tbptt"], "C1--", label="T-BPTT steps")
     ax2.set(ylabel="T-BPTT steps")
     fig.legend(loc="lower right", fontsize="small")
-    paths.append(report._save_figure(fig, os.path.join(workdir, "fig6_curriculum.png")))
+    paths.append(report.save_figure(fig, os.path.join(workdir, "fig6_curriculum.png")))
     fig = Figure(figsize=(7, 0.35 * len(deltas) + 1.5))
     ax = fig.add_subplot()
     names = list(deltas)
@@ -86,7 +86,7 @@ def plot_meta(history, deltas, workdir) -> list[str]:
     ax.axvline(1.0, color="k", lw=0.5, ls=":")
     ax.axvline(0.0, color="r", lw=0.5)
     ax.set(xlabel="δ (1 = SGD; < 0 = gradient ascent)", title="Fig. 7: gates at meta-test")
-    paths.append(report._save_figure(fig, os.path.join(workdir, "fig7_delta.png")))
+    paths.append(report.save_figure(fig, os.path.join(workdir, "fig7_delta.png")))
     return paths
 
 

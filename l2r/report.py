@@ -173,7 +173,8 @@ def write_markdown(results, workdir, title=None) -> str:
     return _atomic_write(os.path.join(workdir, "results.md"), ("\n\n".join(parts) + "\n").encode())
 
 
-def _save_figure(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
+    """Writes `fig` to `path` as a PNG (atomically) and returns the path."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return _atomic_write(path, buf.getvalue())
@@ -223,7 +224,7 @@ def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-        paths.append(_save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
+        paths.append(save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
     return paths
 
 
