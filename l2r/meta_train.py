@@ -296,7 +296,8 @@ class MetaTrainer:
                 state.episodes_done + n_done, skipped,
                 state.restarts + jnp.sum((~alive).astype(jnp.int32)),
             )  # fmt: skip
-            metrics = {"loss": jnp.mean(loss_k), "last_loss": loss_k[-1], "meta_loss": m,
+            # nanmean: a diverged episode's NaN is left out of the logged loss.
+            metrics = {"loss": jnp.nanmean(loss_k), "last_loss": loss_k[-1], "meta_loss": m,
                        "restarted": ~alive, "finished": done & alive}  # fmt: skip
             return new_state, metrics
 

@@ -85,9 +85,7 @@ def test_every_step_meta_updates_match_a_python_loop(setup):
         updates, opt_state = trainer.opt.update(g, opt_state, theta)
         theta = optax.apply_updates(theta, updates)
     chex.assert_trees_all_close(new_state.theta, theta, rtol=2e-4, atol=1e-6)
-    assert not np.allclose(
-        np.asarray(jax.tree.leaves(theta)[0]), np.asarray(jax.tree.leaves(state.theta)[0])
-    )
+    assert _changed(theta, state.theta)
     assert int(new_state.window) == 1 and int(new_state.skipped) == 0
     assert np.isfinite(float(metrics["loss"]))
 
@@ -123,6 +121,12 @@ def test_resumed_run_reaches_the_same_theta(setup, tmp_path):
     chex.assert_trees_all_equal(resumed.episodes.id, straight.episodes.id)
 
 
+def _changed(new, old) -> bool:
+    """Whether θ moved (only the output layers get a gradient at the very first step)."""
+    pairs = zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
+    return any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in pairs)
+
+
 def _with(config, max_windows):
     config = config.copy_and_resolve_references()
     config.meta.max_windows = max_windows
@@ -142,3 +146,32 @@ def test_exp1_smoke_pipeline_writes_every_artefact(tmp_path):
     assert set(saved["methods"]) == {"sgd", "sgd_x0.1", "teacher", "learned"}
     assert len(saved["meta"]["loss"]) == config.meta.max_windows
     assert results["steps"][-1] == config.task_b.steps
+
+
+def test_per_window_variant_is_one_truncated_unroll(setup):
+    """update_every_step=False: one Adam step on the mean of L_1..L_s of a single unroll with
+    the window's starting θ; the carried student is that unroll's last state."""
+    config, model, pretrained, data_a, data_b, _ = setup
+    config = config.copy_and_resolve_references()
+    config.meta.update_every_step = False
+    trainer = meta_train.MetaTrainer(config, model, pretrained, data_a, data_b)
+    state = trainer.init()
+    _, s = meta_train.curriculum(config.meta, 0)
+    new_state, metrics = trainer.run_window(state)[:2]
+
+    idx_a, idx_b = trainer.batches(0, s)
+    eps = state.episodes
+    h = jax.vmap(trainer._teacher_window, (None, 0, 0, 0))(trainer.inputs, eps.teacher, idx_a,
+                                                            idx_b)[1]  # fmt: skip
+    loss = jax.jit(trainer._student_loss, static_argnums=8)
+    per_k = [
+        jax.vmap(lambda st, mem, ia, ib, h_e, k=k: loss(trainer.inputs, state.theta, st, mem, ia,
+                                                         ib, h_e, k, s))(
+            eps.student, eps.lstm, idx_a, idx_b, h)
+        for k in range(1, s + 1)
+    ]  # fmt: skip
+    expected = np.mean([np.asarray(losses) for losses, _ in per_k])
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+    chex.assert_trees_all_close(new_state.episodes.student, per_k[-1][1][0], rtol=1e-4, atol=1e-6)
+    assert int(new_state.skipped) == 0
+    assert _changed(new_state.theta, state.theta)
