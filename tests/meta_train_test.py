@@ -64,10 +64,8 @@ def test_every_step_meta_updates_match_a_python_loop(setup):
     threshold, s = meta_train.curriculum(config.meta, 0)
     new_state, metrics = trainer.run_window(state)[:2]
 
-    idx_a, idx_b = trainer.batches(0, s)
+    idx_a, idx_b, h = _first_window(trainer, state, s)
     eps = state.episodes
-    h = jax.vmap(trainer._teacher_window, (None, 0, 0, 0))(trainer.inputs, eps.teacher, idx_a,
-                                                            idx_b)[1]  # fmt: skip
 
     def loss(theta, k):
         per_episode = jax.vmap(
@@ -121,6 +119,13 @@ def test_resumed_run_reaches_the_same_theta(setup, tmp_path):
     chex.assert_trees_all_equal(resumed.episodes.id, straight.episodes.id)
 
 
+def _first_window(trainer, state, s):
+    """The first window's batches and the teacher's representations along it [E, s, B, D]."""
+    idx_a, idx_b = trainer.batches(0, s)
+    teacher = jax.vmap(trainer._teacher_window, (None, 0, 0, 0))
+    return idx_a, idx_b, teacher(trainer.inputs, state.episodes.teacher, idx_a, idx_b)[1]
+
+
 def _changed(new, old) -> bool:
     """Whether θ moved (only the output layers get a gradient at the very first step)."""
     pairs = zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
@@ -159,10 +164,8 @@ def test_per_window_variant_is_one_truncated_unroll(setup):
     _, s = meta_train.curriculum(config.meta, 0)
     new_state, metrics = trainer.run_window(state)[:2]
 
-    idx_a, idx_b = trainer.batches(0, s)
+    idx_a, idx_b, h = _first_window(trainer, state, s)
     eps = state.episodes
-    h = jax.vmap(trainer._teacher_window, (None, 0, 0, 0))(trainer.inputs, eps.teacher, idx_a,
-                                                            idx_b)[1]  # fmt: skip
     loss = jax.jit(trainer._student_loss, static_argnums=8)
     per_k = [
         jax.vmap(lambda st, mem, ia, ib, h_e, k=k: loss(trainer.inputs, state.theta, st, mem, ia,
