@@ -234,15 +234,14 @@ class MetaTrainer:
                     theta, opt_state = meta_update(theta, opt_state, g, ok)
                     new_alive = alive & jnp.isfinite(per_ep) & (per_ep <= threshold)
                     carry = (theta, opt_state, new_alive, skipped + (~ok).astype(jnp.int32), aux)
-                    return carry, (m, per_ep)
+                    return carry, per_ep
 
                 carry0 = (state.theta, state.opt_state, jnp.ones(e, bool), state.skipped,
                           (eps.student, eps.lstm))  # fmt: skip
                 ks = jnp.arange(1, num_steps + 1)
-                (theta, opt_state, alive, skipped, (students, lstms)), (m, per_ep) = jax.lax.scan(
+                (theta, opt_state, alive, skipped, (students, lstms)), loss_k = jax.lax.scan(
                     step_k, carry0, ks
-                )
-                loss_k = per_ep  # [s, E]
+                )  # loss_k: [s, E]
             else:
 
                 def window_loss(theta):
@@ -276,7 +275,6 @@ class MetaTrainer:
                 skipped = state.skipped + (~ok).astype(jnp.int32)
                 loss_k = ls.T  # [s, E]
                 alive = jnp.all(jnp.isfinite(ls) & (ls <= threshold), axis=1)
-                m = jnp.mean(ls, axis=1)
 
             # Window end: carry the states on (truncation: nothing here is differentiated),
             # restart episodes that exceeded the threshold or finished.
@@ -297,8 +295,7 @@ class MetaTrainer:
                 state.restarts + jnp.sum((~alive).astype(jnp.int32)),
             )  # fmt: skip
             # nanmean: a diverged episode's NaN is left out of the logged loss.
-            metrics = {"loss": jnp.nanmean(loss_k), "last_loss": loss_k[-1], "meta_loss": m,
-                       "restarted": ~alive, "finished": done & alive}  # fmt: skip
+            metrics = {"loss": jnp.nanmean(loss_k), "restarted": ~alive}
             return new_state, metrics
 
         fn = jax.jit(window)
