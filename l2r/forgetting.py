@@ -20,7 +20,7 @@ from l2r import experiment, models, pretrain, report, rng, run_b, training
 from l2r import workdir as workdir_lib
 from l2r.data import tasks
 from l2r.experiment import ConfigError, require
-from l2r.methods import METHOD_NAMES, make_method
+from l2r.methods import METHOD_NAMES, is_method_name, make_method
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -32,8 +32,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
     for m in b.methods:
         require(
-            m in METHOD_NAMES,
-            f"task_b.methods has unknown method {m!r}; choose from {', '.join(METHOD_NAMES)}.",
+            is_method_name(m),
+            f"task_b.methods has unknown method {m!r}; choose from "
+            f"{', '.join(METHOD_NAMES)} or sgd_x<factor>.",
         )
     require(
         b.steps >= 1 and b.probe_every >= 1, "task_b.steps and task_b.probe_every must be >= 1."
@@ -160,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     data_a = training.to_device(task_a, mean, std)
     pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
-    methods = [make_method(n, model, config.task_b.learning_rate) for n in config.task_b.methods]
+    methods = [make_method(n, model, config.task_b) for n in config.task_b.methods]
     compared = compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods)
     results = {
         "experiment": config.experiment,

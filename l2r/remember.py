@@ -24,7 +24,7 @@ from l2r import experiment, forgetting, meta_train, pretrain, report, rng, train
 from l2r import workdir as workdir_lib
 from l2r.data import stream, tasks
 from l2r.experiment import require
-from l2r.methods import METHOD_NAMES, make_method
+from l2r.methods import METHOD_NAMES, is_method_name, make_method
 from l2r.methods.learned import make_learned, student_step
 
 REP_LOSSES = ("huber", "standardized")
@@ -35,7 +35,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     b, m = config.task_b, config.meta
     names = (*METHOD_NAMES, "learned")
     for name in b.methods:
-        require(name in names, f"task_b.methods has unknown method {name!r}; choose from {names}.")
+        require(name == "learned" or is_method_name(name),
+                f"task_b.methods has unknown method {name!r}; choose from {names}.")  # fmt: skip
     require(b.steps >= 1 and b.probe_every >= 1 and b.steps % b.probe_every == 0,
             f"task_b.steps={b.steps} must be a positive multiple of task_b.probe_every="
             f"{b.probe_every}.")  # fmt: skip
@@ -116,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if name == "learned":
             methods.append(make_learned(model, trainer.ml, state.theta, trainer.lr))
         else:
-            methods.append(make_method(name, model, config.task_b.learning_rate))
+            methods.append(make_method(name, model, config.task_b))
     compared = forgetting.compare_methods(config, model, pretrained, task_a, db2, mean, std,
                                           methods)  # fmt: skip
     results = {

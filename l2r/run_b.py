@@ -34,19 +34,25 @@ class ProbeSets(NamedTuple):
 
 
 def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int, num_b: int):
-    """Returns jitted probe(networks_S, sets, ref_rep_S) -> (metrics {name: [S]}, rep_S)."""
+    """Returns jitted probe(networks_S, sets, ref_rep_S, represent) -> (metrics {name: [S]},
+    rep_S); `represent` is a method's task-dependent representation (`Method.represent`)."""
 
-    def represent(network, data_images, task):
-        return training.features(model.apply, network["backbone"], data_images, task.mean, task.std)
+    @functools.partial(jax.jit, static_argnames=("cka_size", "represent"))
+    def run(networks, sets_a, sets_b, ref_rep, cka_size, represent):
+        def features(network, images, data, task):
+            if represent is None:
+                return training.features(
+                    model.apply, network["backbone"], images, data.mean, data.std
+                )
+            apply = lambda net, x: models.Output(represent(net, x, task), None)  # noqa: E731
+            return training.features(apply, network, images, data.mean, data.std)
 
-    @functools.partial(jax.jit, static_argnames="cka_size")
-    def run(networks, sets_a, sets_b, ref_rep, cka_size):
         rep = training.map_seeds(
             lambda n: {
-                "a_train": represent(n, sets_a.train_images, sets_a),
-                "a_test": represent(n, sets_a.test_images, sets_a),
-                "b_train": represent(n, sets_b.train_images, sets_b),
-                "b_test": represent(n, sets_b.test_images, sets_b),
+                "a_train": features(n, sets_a.train_images, sets_a, 0),
+                "a_test": features(n, sets_a.test_images, sets_a, 0),
+                "b_train": features(n, sets_b.train_images, sets_b, 1),
+                "b_test": features(n, sets_b.test_images, sets_b, 1),
             },
             networks,
         )
@@ -83,8 +89,8 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int
         metrics["cka_A"] = jax.vmap(probe.linear_cka)(cka_rep, ref)
         return metrics, cka_rep
 
-    def probe_fn(networks, sets: ProbeSets, ref_rep=None):
-        return run(networks, sets.a, sets.b, ref_rep, cka_size=sets.cka_size)
+    def probe_fn(networks, sets: ProbeSets, ref_rep=None, represent=None):
+        return run(networks, sets.a, sets.b, ref_rep, cka_size=sets.cka_size, represent=represent)
 
     return probe_fn
 
@@ -164,7 +170,11 @@ def run_method(
     base_keys = jnp.stack(
         [rng.key_for(config.seed, f"task_b_{method.name}", s) for s in range(num_seeds)]
     )
-    states = jax.vmap(method.init)(networks0, base_keys)
+    states = jax.jit(
+        lambda nets, keys, data_a: training.map_seeds(
+            lambda n, k: method.init(n, data_a, k), nets, keys
+        )
+    )(networks0, base_keys, data_a)
     advance = make_advance(method)
     history = {k: [np.asarray(metrics0[k])] for k in METRICS if k in metrics0}
     history["loss"] = [np.full(num_seeds, np.nan)]
@@ -187,7 +197,9 @@ def run_method(
         )
         jax.block_until_ready(states)
         t1 = time.time()
-        metrics, _ = probe_fn(jax.vmap(method.network)(states), probe_sets, ref_rep)
+        metrics, _ = probe_fn(
+            jax.vmap(method.network)(states), probe_sets, ref_rep, method.represent
+        )
         metrics = jax.device_get(metrics)
         probe_s += time.time() - t1
         train_s += t1 - t0

@@ -11,6 +11,8 @@ from l2r import forgetting, models, run_b, training
 from l2r.data import sources, tasks
 from l2r.methods import Batch, make_method
 
+TASK_B = fig1.get_config("smoke").task_b
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -40,7 +42,7 @@ def setup():
 @pytest.mark.parametrize("name", ["sgd", "teacher"])
 def test_scan_equals_python_loop(setup, name):
     config, model, data_a, data_b, networks, streams = setup
-    method = make_method(name, model, 0.1)
+    method = make_method(name, model, TASK_B)
     steps = 6
     keys = jnp.stack([jax.random.split(jax.random.key(s), steps) for s in range(2)])
     advance = run_b.make_advance(method)
@@ -68,7 +70,7 @@ def test_scan_equals_python_loop(setup, name):
 
 def test_sgd_never_touches_the_task_a_head(setup):
     config, model, data_a, data_b, networks, streams = setup
-    method = make_method("sgd", model, 0.1)
+    method = make_method("sgd", model, TASK_B)
     keys = jnp.stack([jax.random.split(jax.random.key(s), 3) for s in range(2)])
     out, _ = run_b.make_advance(method)(
         networks, data_a, data_b, keys, streams.idx_b[:, :3], None, None, None
@@ -92,7 +94,7 @@ def test_streams_are_deterministic_and_differ_across_seeds(setup):
 def test_map_seeds_equals_vmap(setup, chunk):
     """lax.map (CPU default), chunked lax.map and vmap give the same runs."""
     config, model, data_a, data_b, networks, streams = setup
-    method = make_method("sgd", model, 0.1)
+    method = make_method("sgd", model, TASK_B)
     x_b, y_b = training.gather(data_b, streams.idx_b[0, 0])
 
     def one(network):

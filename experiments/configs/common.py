@@ -86,6 +86,31 @@ def readout_config():
     return c
 
 
+def baselines_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Hyper-parameters of the §4 baselines, as fields of the `task_b` group `c`."""
+    c.lwf = ml_collections.ConfigDict()
+    c.lwf.coef = 1.0  # §4: distillation coefficient 1.0.
+    c.lwf.temperature = 2.0  # Li & Hoiem 2016: T = 2.
+    c.ewc = ml_collections.ConfigDict()
+    c.ewc.coef = 1.0  # §4: coefficient 1.0.
+    c.ewc.fisher = "empirical"  # empirical (labels of A) | true (labels sampled from the model)
+    c.ewc.fisher_examples = 1024  # Task-A training examples the diagonal Fisher averages over.
+    c.hat = ml_collections.ConfigDict()
+    c.hat.s_max = 3.0  # §4: s_max 3.0 (Serrà et al. 2018 default: 400).
+    c.hat.reg = 0.75  # §4: attention regulariser λ = 0.75.
+    c.hat.clip_embedding = 6.0  # Serrà et al.: embeddings clamped to [-6, 6].
+    c.oml = ml_collections.ConfigDict()
+    c.oml.inner_steps = 10  # §4: 10 SGD steps of the linear readout on B support batches.
+    c.oml.inner_lr = 0.1  # Readout SGD step in the inner loop.
+    c.oml.outer_lr = 1e-4  # Adam on the backbone, from the query loss through the unroll.
+    c.oml.outer_steps = 500  # Meta-training steps of the backbone before Task B.
+    c.oml.support_batch = 16  # Examples per inner step.
+    c.oml.query_batch = 64  # Query examples (Task-B meta-training classes and Task A).
+    c.rep = ml_collections.ConfigDict()
+    c.rep.steps = 0  # Extra pre-training steps on A ∪ meta-training classes (0 = pretrain.steps).
+    return c
+
+
 def meta_config():
     """Meta-training (Algorithm 1, §3-§5) and the meta-learner (§5.1)."""
     c = ml_collections.ConfigDict()

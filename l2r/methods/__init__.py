@@ -1,20 +1,40 @@
 """Task-B learners behind one interface (`Method`); `make_method` builds one by name."""
 
+import re
+
 from l2r.methods.base import Batch, Method
 from l2r.methods.sgd import make_sgd, make_teacher
 
+# "sgd_x<factor>" scales SGD's learning rate (the paper's "SGD x0.1" is sgd_x0.1).
 METHOD_NAMES = ("sgd", "sgd_x0.1", "teacher")
+_SCALED_SGD = re.compile(r"sgd_x(\d+(\.\d*)?|\.\d+)$")
 
 
-def make_method(name: str, model, learning_rate: float) -> Method:
-    """Builds the Task-B method `name` with the Task-B learning rate."""
+def is_method_name(name: str) -> bool:
+    return name in METHOD_NAMES or bool(_SCALED_SGD.match(name))
+
+
+def make_method(name: str, model, task_b) -> Method:
+    """Builds the Task-B method `name` from the `task_b` config group (learning rate and each
+    baseline's hyper-parameters)."""
+    lr = task_b.learning_rate
     if name == "sgd":
-        return make_sgd(model, learning_rate, name)
-    if name == "sgd_x0.1":
-        return make_sgd(model, 0.1 * learning_rate, name)
+        return make_sgd(model, lr, name)
+    if match := _SCALED_SGD.match(name):
+        return make_sgd(model, float(match.group(1)) * lr, name)
     if name == "teacher":
-        return make_teacher(model, learning_rate, name)
-    raise ValueError(f"Unknown Task-B method {name!r}; choose from {', '.join(METHOD_NAMES)}.")
+        return make_teacher(model, lr, name)
+    raise ValueError(
+        f"Unknown Task-B method {name!r}; choose from {', '.join(METHOD_NAMES)} (or sgd_x<factor>)."
+    )
 
 
-__all__ = ["Batch", "Method", "METHOD_NAMES", "make_method", "make_sgd", "make_teacher"]
+__all__ = [
+    "Batch",
+    "Method",
+    "METHOD_NAMES",
+    "is_method_name",
+    "make_method",
+    "make_sgd",
+    "make_teacher",
+]

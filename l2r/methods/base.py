@@ -1,12 +1,18 @@
 """The one interface every Task-B learner implements.
 
-A method is a bundle of pure functions over a pytree state, so the same scan/vmap machinery
+A method is a bundle of pure functions over a pytree state, so the same scan/map machinery
 (`l2r.run_b`) runs SGD, the multi-task teacher, the baselines and the learned rule, and the
 same probe measures them:
 
-    state = method.init(network, key)               # network: {'backbone','head_a','head_b'}
+    state = method.init(network, data_a, key)       # network: {'backbone','head_a','head_b'}
     state, metrics = method.step(state, batch, key) # one Task-B update
     network = method.network(state)                 # what the probe looks at
+
+`network` is the pre-trained network with a fresh Task-B head; `data_a` is Task A on the
+device (`training.DeviceTask`), for methods that summarise A before B starts (EWC's Fisher);
+Task-B learners never see Task-A batches during B, except the oracle teacher
+(`uses_task_a`). A method whose representation depends on the task (HAT's masks) gives
+`represent(network, x, task)` with task 0 = A, 1 = B; the default is the backbone's output.
 """
 
 from collections.abc import Callable
@@ -26,7 +32,9 @@ class Batch(NamedTuple):
 
 class Method(NamedTuple):
     name: str
-    init: Callable[[Any, jax.Array], Any]
+    init: Callable[[Any, Any, jax.Array], Any]  # (network, data_a, key) -> state
     step: Callable[[Any, Batch, jax.Array], tuple[Any, dict]]
     network: Callable[[Any], Any]
     uses_task_a: bool = False  # True for the oracle teacher, which trains on A∪B.
+    # (network, x [B,H,W,C], task: 0 = A, 1 = B) -> representation [B, D]; None = backbone's.
+    represent: Callable[[Any, jax.Array, int], jax.Array] | None = None

@@ -65,8 +65,8 @@ def student_step(model, ml, theta, learning_rate, network, lstm, x_b, y_b):
 def make_learned(model, ml, theta, learning_rate: float, name: str = "learned") -> Method:
     """The trained rule as a Task-B method (meta-test: no teacher, §5)."""
 
-    def init(network, key):
-        del key
+    def init(network, data_a, key):
+        del data_a, key
         return StudentState(network, ml.init_state())
 
     def step(state: StudentState, batch: Batch, key):

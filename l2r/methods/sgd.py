@@ -30,7 +30,9 @@ def make_sgd(model: models.Model, learning_rate: float, name: str = "sgd") -> Me
         trainable = jax.tree.map(lambda p, g: p - learning_rate * g, trainable, grads)
         return {**trainable, "head_a": network["head_a"]}, {"loss": loss}
 
-    return Method(name=name, init=lambda network, key: network, step=step, network=lambda s: s)
+    return Method(
+        name=name, init=lambda network, data_a, key: network, step=step, network=lambda s: s
+    )
 
 
 def make_teacher(model: models.Model, learning_rate: float, name: str = "teacher") -> Method:
@@ -51,7 +53,7 @@ def make_teacher(model: models.Model, learning_rate: float, name: str = "teacher
 
     return Method(
         name=name,
-        init=lambda network, key: network,
+        init=lambda network, data_a, key: network,
         step=step,
         network=lambda s: s,
         uses_task_a=True,
