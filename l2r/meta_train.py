@@ -52,6 +52,7 @@ class Episodes(NamedTuple):
     lstm: metalearner.State
     step: jax.Array  # int32 [E]: inner steps taken since the episode (re)started
     id: jax.Array  # int32 [E]: global episode number (its w0 checkpoint and Task-B head)
+    classes: jax.Array  # int32 [E, n_way]: the episode's Task-B classes (data_b labels)
 
 
 class Inputs(NamedTuple):
@@ -59,8 +60,9 @@ class Inputs(NamedTuple):
     the program as constants)."""
 
     data_a: training.DeviceTask  # Task A
-    data_b: training.DeviceTask  # Task B (meta-training part)
+    data_b: training.DeviceTask  # Task B (meta-training part), or the pool of Task-B classes
     pretrained: dict  # stacked [n_ckpt, ...] {'backbone', 'head'}: the w0 of the episodes
+    class_table: jax.Array  # int32 [T, n_way]: episode i learns classes class_table[i % T]
 
 
 class MetaState(NamedTuple):
@@ -84,13 +86,26 @@ def curriculum(cfg: ml_collections.ConfigDict, episodes_done: int) -> tuple[floa
     return float(threshold), int(tbptt)
 
 
+REP_LOSSES = ("huber", "standardized", "normalized")
+
+
 def rep_loss(h_teacher, h_student, cfg) -> jax.Array:
-    """c · Huber(h, ĥ), mean over examples and units (§4). `standardized` departs from the
-    paper: both are divided by the teacher's per-unit std over the batch (stop-gradient), so
-    the student cannot lower the loss by shrinking its representation."""
+    """c · Huber(h, ĥ) between [N, D] representations, mean over examples and units (§4).
+
+    Two departures from the paper, both against the failure where the student lowers a raw
+    distance by shrinking its representation (the best response to features it cannot align):
+      standardized: both divided by the teacher's per-unit std over the batch (stop-gradient),
+        floored at a tenth of its mean so that dead units do not blow the loss up;
+      normalized: each example's representation, student and teacher alike, divided by its
+        own RMS over units (a cosine distance in Huber form): scale cannot lower the loss.
+    """
     if cfg.rep_loss == "standardized":
-        scale = jax.lax.stop_gradient(jnp.std(h_teacher, axis=0) + 1e-3)
+        std = jnp.std(h_teacher, axis=0)
+        scale = jax.lax.stop_gradient(jnp.maximum(std, 0.1 * jnp.mean(std)) + 1e-6)
         h_teacher, h_student = h_teacher / scale, h_student / scale
+    elif cfg.rep_loss == "normalized":
+        rms = lambda h: jnp.sqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-12)  # noqa: E731
+        h_teacher, h_student = h_teacher / rms(h_teacher), h_student / rms(h_student)
     return cfg.loss_scale * jnp.mean(optax.huber_loss(h_student, h_teacher, delta=1.0))
 
 
@@ -101,21 +116,37 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 class MetaTrainer:
     """Compiled pieces of Algorithm 1 for one model, task pair and config."""
 
-    def __init__(self, config, model: models.Model, pretrained, data_a, data_b):
+    def __init__(self, config, model: models.Model, pretrained, data_a, data_b, class_table=None):
+        """Args:
+        pretrained: stacked [n, ...] {'backbone', 'head'}; episode i starts from i % n.
+        data_b: Task B (Exp 1) or a pool of classes (Exps 2-4), labels 0..P-1.
+        class_table: int [T, n_way] n-way tasks of data_b's labels; episode i learns task
+          i % T, its labels mapped to 0..n_way-1 in row order. None: one task of all labels.
+        """
         self.cfg = config.meta
         self.seed = config.seed
         self.model = model
-        self.inputs = Inputs(data_a, data_b, pretrained)
+        labels_b = np.asarray(data_b.train_labels)
+        if class_table is None:
+            class_table = np.arange(labels_b.max() + 1)[None]
+        class_table = np.asarray(class_table, np.int32)
+        self.inputs = Inputs(data_a, data_b, pretrained, jnp.asarray(class_table))
+        # Host-side: each class's training examples, for the batches of n-way episodes.
+        self._by_class = [np.flatnonzero(labels_b == c) for c in range(labels_b.max() + 1)]
+        self._whole_task = class_table.shape[0] == 1 and np.array_equal(
+            np.sort(class_table[0]), np.arange(labels_b.max() + 1)
+        )
         self.lr = config.task_b.learning_rate  # §3: α = 0.1 for teacher and student
         # §3: teacher batch 128 (64 A + 64 B), student batch 64 (B only).
         self.batch_a, self.batch_b = config.task_b.teacher_batch_a, config.task_b.batch_size
-        self.num_classes_b = int(np.asarray(data_b.train_labels).max()) + 1
+        self.num_classes_b = class_table.shape[1]
         shape = (1, *data_b.train_images.shape[1:])
         ml_cfg = metalearner.Config(
             hidden_kernel=self.cfg.hidden_kernel,
             hidden_vector=self.cfg.hidden_vector,
             clip=self.cfg.input_clip,
             first_order=self.cfg.first_order,
+            gate=self.cfg.gate,
         )
         self.ml = build_metalearner(model, shape, ml_cfg)
         self.opt = make_optimizer(self.cfg)
@@ -132,16 +163,23 @@ class MetaTrainer:
         head_b = models.init_head(key, self.model.representation_dim, self.num_classes_b)
         return {"backbone": net["backbone"], "head_a": net["head"], "head_b": head_b}
 
-    def _fresh(self, pretrained, ids):
-        nets = jax.vmap(self._network0, (None, 0))(pretrained, ids)
+    def _fresh(self, inp: Inputs, ids):
+        nets = jax.vmap(self._network0, (None, 0))(inp.pretrained, ids)
         lstm = jax.vmap(lambda _: self.ml.init_state())(ids)
-        return Episodes(nets, nets, lstm, jnp.zeros_like(ids), ids)
+        classes = inp.class_table[ids % inp.class_table.shape[0]]
+        return Episodes(nets, nets, lstm, jnp.zeros_like(ids), ids, classes)
+
+    @staticmethod
+    def _gather_b(inp: Inputs, idx, classes):
+        """A Task-B batch with labels mapped to the episode's 0..n_way-1."""
+        x, y = training.gather(inp.data_b, idx)
+        return x, jnp.argmax(y[:, None] == classes[None, :], axis=1).astype(jnp.int32)
 
     def init(self) -> MetaState:
         e = self.cfg.num_episodes_parallel
         theta = self.ml.init(rng.key_for(self.seed, "theta"))
         i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-        episodes = jax.jit(self._fresh)(self.inputs.pretrained, jnp.arange(e, dtype=jnp.int32))
+        episodes = jax.jit(self._fresh)(self.inputs, jnp.arange(e, dtype=jnp.int32))
         state = MetaState(theta, self.opt.init(theta), episodes, i32(0), i32(e), i32(0), i32(0),
                           i32(0))  # fmt: skip
         # Committed like the window's outputs: otherwise the second window compiles again.
@@ -149,26 +187,28 @@ class MetaTrainer:
 
     # -- one truncation window ----------------------------------------------------------------
 
-    def _teacher_window(self, inp: Inputs, teacher, idx_a, idx_b):
+    def _teacher_window(self, inp: Inputs, teacher, idx_a, idx_b, classes):
         """The teacher's s SGD steps on A∪B and its representations after each: [s, Ba+Bb, D]."""
 
         def body(network, idx):
             x_a, y_a = training.gather(inp.data_a, idx[0])
-            x_b, y_b = training.gather(inp.data_b, idx[1])
+            x_b, y_b = self._gather_b(inp, idx[1], classes)
             network, _ = self.teacher.step(network, Batch(x_b, y_b, x_a, y_a), None)
             x_ab = jnp.concatenate([x_a, x_b])
             return network, self.model.apply(network["backbone"], x_ab).representation
 
         return jax.lax.scan(body, teacher, (idx_a, idx_b))
 
-    def _student_loss(self, inp, theta, student, lstm, idx_a, idx_b, h_teacher, k, num_steps):
+    def _student_loss(
+        self, inp, theta, student, lstm, idx_a, idx_b, classes, h_teacher, k, num_steps
+    ):
         """L_k of one episode: the student re-run k steps from the window start."""
 
         def body(carry, xs):
             j, ib = xs
 
             def advance(c):
-                x_b, y_b = training.gather(inp.data_b, ib)
+                x_b, y_b = self._gather_b(inp, ib, classes)
                 net, mem, _, _ = student_step(self.model, self.ml, theta, self.lr, *c, x_b, y_b)
                 return net, mem
 
@@ -189,15 +229,17 @@ class MetaTrainer:
         cfg, opt = self.cfg, self.opt
 
         def losses(inp, theta, eps, idx_a, idx_b, h_teacher, k, alive):
-            def fn(st, mem, ia, ib, h, alive_e):
+            def fn(st, mem, ia, ib, cl, h, alive_e):
                 # A dead (restarting) episode sees a constant θ: masking its loss alone would
                 # still send 0 · NaN = NaN back from a diverged student into the meta-gradient.
                 theta_e = jax.tree.map(
                     lambda t: jnp.where(alive_e, t, jax.lax.stop_gradient(t)), theta
                 )
-                return self._student_loss(inp, theta_e, st, mem, ia, ib, h, k, num_steps)
+                return self._student_loss(inp, theta_e, st, mem, ia, ib, cl, h, k, num_steps)
 
-            return training.map_seeds(fn, eps.student, eps.lstm, idx_a, idx_b, h_teacher, alive)
+            return training.map_seeds(
+                fn, eps.student, eps.lstm, idx_a, idx_b, eps.classes, h_teacher, alive
+            )
 
         def meta_update(theta, opt_state, grads, ok):
             updates, new_opt = opt.update(grads, opt_state, theta)
@@ -208,8 +250,8 @@ class MetaTrainer:
         def window(state: MetaState, inp: Inputs, idx_a, idx_b, threshold):
             eps = state.episodes
             teacher_fn = functools.partial(self._teacher_window, inp)
-            teachers, h_teacher = training.map_seeds(teacher_fn, eps.teacher, idx_a,
-                                                     idx_b)  # fmt: skip
+            teachers, h_teacher = training.map_seeds(teacher_fn, eps.teacher, idx_a, idx_b,
+                                                     eps.classes)  # fmt: skip
             e = eps.step.shape[0]
 
             def mean_loss(theta, k, alive):
@@ -246,10 +288,10 @@ class MetaTrainer:
 
                 def window_loss(theta):
                     # One pass over the window: L_1..L_s from the states along the way.
-                    def body(carry, xs):
+                    def body(carry, xs, classes):
                         net, mem = carry
                         ia, ib, h_t = xs
-                        x_b, y_b = training.gather(inp.data_b, ib)
+                        x_b, y_b = self._gather_b(inp, ib, classes)
                         net, mem, _, _ = student_step(
                             self.model, self.ml, theta, self.lr, net, mem, x_b, y_b
                         )
@@ -259,12 +301,13 @@ class MetaTrainer:
                         ).representation
                         return (net, mem), rep_loss(h_t, h_s, cfg)
 
-                    def one(st, mem, ia, ib, h):
-                        (net, mem), ls = jax.lax.scan(jax.checkpoint(body), (st, mem), (ia, ib, h))
+                    def one(st, mem, ia, ib, cl, h):
+                        step = jax.checkpoint(functools.partial(body, classes=cl))
+                        (net, mem), ls = jax.lax.scan(step, (st, mem), (ia, ib, h))
                         return ls, (net, mem)
 
                     ls, aux = training.map_seeds(one, eps.student, eps.lstm, idx_a, idx_b,
-                                                 h_teacher)  # fmt: skip
+                                                 eps.classes, h_teacher)  # fmt: skip
                     return jnp.mean(ls), (ls, aux)
 
                 (m, (ls, (students, lstms))), g = jax.value_and_grad(window_loss, has_aux=True)(
@@ -282,8 +325,8 @@ class MetaTrainer:
             done = (~alive) | (steps >= cfg.inner_steps)
             new_ids = state.episodes_started + jnp.cumsum(done.astype(jnp.int32)) - 1
             ids = jnp.where(done, new_ids, eps.id)
-            fresh = self._fresh(inp.pretrained, ids)
-            carried = Episodes(teachers, students, lstms, steps, eps.id)
+            fresh = self._fresh(inp, ids)
+            carried = Episodes(teachers, students, lstms, steps, eps.id, eps.classes)
             pick = lambda f, c: jnp.where(  # noqa: E731
                 done.reshape((e,) + (1,) * (c.ndim - 1)), f, c
             )
@@ -302,21 +345,30 @@ class MetaTrainer:
         self._windows[num_steps] = fn
         return fn
 
-    def batches(self, window: int, num_steps: int):
+    def batches(self, window: int, num_steps: int, classes=None):
         """Host-made batch indices of a window: ([E, s, Ba], [E, s, Bb]), a function of the
-        window index alone (so a resumed run sees exactly the batches it would have)."""
+        window index (and the episodes' classes [E, n_way], needed for n-way episodes) alone,
+        so a resumed run sees exactly the batches it would have. An n-way episode's examples
+        are drawn uniformly from the union of its classes' training examples."""
         cfg = self.cfg
         gen = rng.numpy_rng(self.seed, "meta_batches", window)
         e = cfg.num_episodes_parallel
         n_a = self.inputs.data_a.train_labels.shape[0]
-        n_b = self.inputs.data_b.train_labels.shape[0]
         idx_a = gen.integers(0, n_a, (e, num_steps, self.batch_a), dtype=np.int32)
-        idx_b = gen.integers(0, n_b, (e, num_steps, self.batch_b), dtype=np.int32)
+        if self._whole_task:
+            n_b = self.inputs.data_b.train_labels.shape[0]
+            idx_b = gen.integers(0, n_b, (e, num_steps, self.batch_b), dtype=np.int32)
+            return idx_a, idx_b
+        idx_b = np.empty((e, num_steps, self.batch_b), np.int32)
+        for i, row in enumerate(np.asarray(classes)):
+            pool = np.concatenate([self._by_class[c] for c in row])
+            idx_b[i] = pool[gen.integers(0, len(pool), (num_steps, self.batch_b))]
         return idx_a, idx_b
 
     def run_window(self, state: MetaState):
         threshold, s = curriculum(self.cfg, int(state.episodes_done))
-        idx_a, idx_b = self.batches(int(state.window), s)
+        classes = None if self._whole_task else jax.device_get(state.episodes.classes)
+        idx_a, idx_b = self.batches(int(state.window), s, classes)
         window = self._window_fn(s)
         state, metrics = window(state, self.inputs, idx_a, idx_b, jnp.float32(threshold))
         return state, metrics, threshold, s
@@ -326,15 +378,19 @@ class MetaTrainer:
 # The host loop: curriculum, logging, checkpoints and resume.
 
 
-def _finished(cfg, state: MetaState) -> bool:
+def _finished(cfg, state: MetaState, seconds) -> bool:
     if cfg.max_windows and int(state.window) >= cfg.max_windows:
+        return True
+    if cfg.max_minutes and sum(seconds) >= 60 * cfg.max_minutes:
         return True
     return int(state.episodes_done) >= cfg.episodes
 
 
 def meta_train(config, model, pretrained, data_a, data_b, ckpt_dir: str, trainer=None):
     """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
-    windows), resuming from the latest checkpoint in `ckpt_dir`.
+    windows, or `meta.max_minutes` of window time, compilation included: a wall-clock budget,
+    so the number of windows it allows depends on the machine), resuming from the latest
+    checkpoint in `ckpt_dir`.
 
     Args:
       trainer: a `MetaTrainer` built for the same arguments, to reuse its compiled windows.
@@ -372,7 +428,7 @@ def meta_train(config, model, pretrained, data_a, data_b, ckpt_dir: str, trainer
                 ),
             )
 
-        while not _finished(cfg, state):
+        while not _finished(cfg, state, history["seconds"]):
             t0 = time.monotonic()
             state, metrics, threshold, s = trainer.run_window(state)
             loss = float(metrics["loss"])

@@ -50,6 +50,7 @@ from flax import traverse_util
 from jax import lax
 
 Path = tuple[str, ...]
+GATES = ("tanh", "exp")
 _HINT = (
     "pass make()/apply() the backbone params only (not the classification heads, which are "
     "trained by plain SGD) and the taps of the same backbone: model.apply(params, x, taps=True)."
@@ -69,6 +70,11 @@ class Config(NamedTuple):
         relative on a tiny net); the large second-order term is g inside the update, which
         `update(..., first_order=True)` also cuts. Use both for a first-order meta-gradient.
       eps: added to each RMS before dividing.
+      gate: "tanh" (§5.1: δ = scale · tanh(z), bias 1, scale 1/tanh(1); δ can turn negative,
+        i.e. gradient ascent on Task B) or "exp" (a departure: δ = exp(scale · tanh(z)), bias 0,
+        scale `log_range`; δ ∈ (e^-scale, e^scale) stays positive, and a move of z scales the
+        step multiplicatively rather than additively). Both give δ ≡ 1 at initialisation.
+      log_range: the initial scale of the "exp" gate (2.0: δ ∈ (0.14, 7.4)); learnable.
     """
 
     hidden_kernel: int = 64
@@ -77,6 +83,8 @@ class Config(NamedTuple):
     clip: float = 5.0
     first_order: bool = False
     eps: float = 1e-8
+    gate: str = "tanh"
+    log_range: float = 2.0
 
 
 class Leaf(NamedTuple):
@@ -224,10 +232,13 @@ class MetaLearner:
             flat[p] = chunk / math.sqrt(shape[0])  # Lecun normal (untruncated).
             flat[(*p[:-1], "b")] = jnp.zeros(shape[1])
             offset += size
+        tanh_gate = self.config.gate == "tanh"
         for leaf in self.leaves:  # §5.1: output weights 0, bias 1, learnable scale.
             flat[(*leaf.path, "out", "kernel")] = jnp.zeros((leaf.hidden, leaf.out_size))
-            flat[(*leaf.path, "out", "bias")] = jnp.ones((leaf.out_size,))
-            flat[(*leaf.path, "scale")] = 1.0 / jnp.tanh(jnp.ones(()))
+            bias = jnp.ones if tanh_gate else jnp.zeros
+            flat[(*leaf.path, "out", "bias")] = bias((leaf.out_size,))
+            scale = 1.0 / math.tanh(1.0) if tanh_gate else self.config.log_range
+            flat[(*leaf.path, "scale")] = jnp.asarray(scale, jnp.float32)
         return traverse_util.unflatten_dict(flat)
 
     def init_state(self, dtype: Any = jnp.float32) -> State:
@@ -289,6 +300,8 @@ class MetaLearner:
                 x = jax.nn.relu(x)  # §5.1: ReLU in the hidden layers.
             z = x @ th["out"]["kernel"] + th["out"]["bias"]
             delta_UxO = th["scale"] * jnp.tanh(z)  # §5.1: tanh output, learnable scale.
+            if cfg.gate == "exp":
+                delta_UxO = jnp.exp(delta_UxO)
             deltas[leaf.path] = delta_UxO[0] if w.ndim == 1 else delta_UxO.T.reshape(w.shape)
             memory[leaf.path] = tuple(new)
         unflat = traverse_util.unflatten_dict
@@ -311,6 +324,8 @@ def make(params: dict, taps: dict, config: Config | None = None) -> MetaLearner:
       ValueError: a leaf of another rank, a leaf without a tap, or a tap of the wrong width.
     """
     config = Config() if config is None else config
+    if config.gate not in GATES:
+        raise ValueError(f"metalearner: gate={config.gate!r}; choose one of {GATES}.")
     flat = _flat(params, "params")
     leaves = tuple(_describe(path, tuple(x.shape), flat, config) for path, x in flat.items())
     for leaf in leaves:

@@ -20,14 +20,14 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from l2r import experiment, forgetting, meta_train, pretrain, report, rng, training
+from l2r import experiment, forgetting, meta_train, metalearner, pretrain, report, rng, training
 from l2r import workdir as workdir_lib
 from l2r.data import stream, tasks
 from l2r.experiment import require
 from l2r.methods import METHOD_NAMES, is_method_name, make_method
 from l2r.methods.learned import make_learned, student_step
 
-REP_LOSSES = ("huber", "standardized")
+REP_LOSSES = meta_train.REP_LOSSES
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -41,6 +41,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"task_b.steps={b.steps} must be a positive multiple of task_b.probe_every="
             f"{b.probe_every}.")  # fmt: skip
     require(m.rep_loss in REP_LOSSES, f"meta.rep_loss={m.rep_loss!r}; choose one of {REP_LOSSES}.")
+    require(m.gate in metalearner.GATES, f"meta.gate={m.gate!r}; choose one of "
+            f"{metalearner.GATES}.")  # fmt: skip
     require(m.num_episodes_parallel >= 1, "meta.num_episodes_parallel must be >= 1.")
     require(m.episodes >= 1 and m.inner_steps >= 1, "meta.episodes, meta.inner_steps must be >= 1.")
     require(1 <= m.tbptt <= m.tbptt_max, f"meta.tbptt={m.tbptt} must be in [1, tbptt_max].")

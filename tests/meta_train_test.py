@@ -46,9 +46,10 @@ def test_student_at_initial_theta_is_sgd(setup):
     idx_a, idx_b = trainer.batches(0, 3)
     eps = jax.tree.map(lambda a: a[0], state.episodes)
     h = jnp.zeros((3, idx_a.shape[-1] + idx_b.shape[-1], model.representation_dim))
-    _, (student, _) = jax.jit(trainer._student_loss, static_argnums=8)(
-        trainer.inputs, state.theta, eps.student, eps.lstm, idx_a[0], idx_b[0], h, 3, 3
-    )
+    _, (student, _) = jax.jit(trainer._student_loss, static_argnums=9)(
+        trainer.inputs, state.theta, eps.student, eps.lstm, idx_a[0], idx_b[0], eps.classes, h,
+        3, 3,
+    )  # fmt: skip
     sgd = make_sgd(model, config.task_b.learning_rate)
     network = eps.student
     for t in range(3):
@@ -69,10 +70,10 @@ def test_every_step_meta_updates_match_a_python_loop(setup):
 
     def loss(theta, k):
         per_episode = jax.vmap(
-            lambda st, mem, ia, ib, h_e: trainer._student_loss(
-                trainer.inputs, theta, st, mem, ia, ib, h_e, k, s
+            lambda st, mem, ia, ib, cl, h_e: trainer._student_loss(
+                trainer.inputs, theta, st, mem, ia, ib, cl, h_e, k, s
             )[0]
-        )(eps.student, eps.lstm, idx_a, idx_b, h)
+        )(eps.student, eps.lstm, idx_a, idx_b, eps.classes, h)
         return jnp.mean(per_episode), per_episode
 
     grad = jax.jit(jax.grad(loss, has_aux=True))
@@ -122,8 +123,9 @@ def test_resumed_run_reaches_the_same_theta(setup, tmp_path):
 def _first_window(trainer, state, s):
     """The first window's batches and the teacher's representations along it [E, s, B, D]."""
     idx_a, idx_b = trainer.batches(0, s)
-    teacher = jax.vmap(trainer._teacher_window, (None, 0, 0, 0))
-    return idx_a, idx_b, teacher(trainer.inputs, state.episodes.teacher, idx_a, idx_b)[1]
+    teacher = jax.vmap(trainer._teacher_window, (None, 0, 0, 0, 0))
+    eps = state.episodes
+    return idx_a, idx_b, teacher(trainer.inputs, eps.teacher, idx_a, idx_b, eps.classes)[1]
 
 
 def _changed(new, old) -> bool:
@@ -166,11 +168,11 @@ def test_per_window_variant_is_one_truncated_unroll(setup):
 
     idx_a, idx_b, h = _first_window(trainer, state, s)
     eps = state.episodes
-    loss = jax.jit(trainer._student_loss, static_argnums=8)
+    loss = jax.jit(trainer._student_loss, static_argnums=9)
     per_k = [
-        jax.vmap(lambda st, mem, ia, ib, h_e, k=k: loss(trainer.inputs, state.theta, st, mem, ia,
-                                                         ib, h_e, k, s))(
-            eps.student, eps.lstm, idx_a, idx_b, h)
+        jax.vmap(lambda st, mem, ia, ib, cl, h_e, k=k: loss(trainer.inputs, state.theta, st, mem,
+                                                             ia, ib, cl, h_e, k, s))(
+            eps.student, eps.lstm, idx_a, idx_b, eps.classes, h)
         for k in range(1, s + 1)
     ]  # fmt: skip
     expected = np.mean([np.asarray(losses) for losses, _ in per_k])
@@ -178,3 +180,23 @@ def test_per_window_variant_is_one_truncated_unroll(setup):
     chex.assert_trees_all_close(new_state.episodes.student, per_k[-1][1][0], rtol=1e-4, atol=1e-6)
     assert int(new_state.skipped) == 0
     assert _changed(new_state.theta, state.theta)
+
+
+def test_n_way_episodes_learn_their_own_classes(setup):
+    """Exps 2-4: episode i learns the classes of row i % T of the class table; its batches hold
+    only those classes, relabelled 0..n_way-1 in row order, and its teacher learns them."""
+    config, model, pretrained, data_a, data_b, _ = setup
+    table = np.array([[2, 0], [1, 2]], np.int32)  # two 2-way tasks of data_b's 3 classes
+    trainer = meta_train.MetaTrainer(config, model, pretrained, data_a, data_b, table)
+    state = trainer.init()
+    np.testing.assert_array_equal(state.episodes.classes, table[np.arange(2) % 2])
+    idx_a, idx_b = trainer.batches(0, 3, np.asarray(state.episodes.classes))
+    labels = np.asarray(data_b.train_labels)
+    for e, row in enumerate(table):
+        assert set(np.unique(labels[idx_b[e]])) <= set(row.tolist())
+        _, y = trainer._gather_b(trainer.inputs, idx_b[e, 0], jnp.asarray(row))
+        np.testing.assert_array_equal(np.asarray(y), np.argmax(labels[idx_b[e, 0]][:, None] == row,
+                                                               axis=1))  # fmt: skip
+    assert state.episodes.student["head_b"]["kernel"].shape[-1] == 2
+    new_state, metrics = trainer.run_window(state)[:2]
+    assert np.isfinite(float(metrics["loss"])) and int(new_state.skipped) == 0

@@ -71,6 +71,23 @@ def test_init_is_exactly_sgd(name):
     assert all(float(jnp.abs(m).max()) > 0 for m in jax.tree.leaves(state))
 
 
+def test_exp_gate_starts_at_sgd_and_stays_positive():
+    _, params, grads, taps, paper = problem("convnet")
+    ml = metalearner.make(params, taps, metalearner.Config(gate="exp"))
+    theta = ml.init(jax.random.key(3))
+    deltas, _ = jax.jit(ml.apply)(theta, ml.init_state(), params, grads, taps)
+    chex.assert_trees_all_close(deltas, jax.tree.map(jnp.ones_like, params), rtol=0, atol=1e-6)
+    # Far from init the paper's tanh gate goes negative; the exp gate stays in its range.
+    far = lambda th: perturb(th, 4, 3.0)  # noqa: E731
+    neg, _ = jax.jit(paper.apply)(far(paper.init(jax.random.key(3))), paper.init_state(), params,
+                                  grads, taps)  # fmt: skip
+    pos, _ = jax.jit(ml.apply)(far(theta), ml.init_state(), params, grads, taps)
+    assert min(float(d.min()) for d in jax.tree.leaves(neg)) < 0
+    assert min(float(d.min()) for d in jax.tree.leaves(pos)) > 0
+    with pytest.raises(ValueError, match="gate='relu'"):
+        metalearner.make(params, taps, metalearner.Config(gate="relu"))
+
+
 def test_sizes_follow_paper():
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     params = {

@@ -116,12 +116,13 @@ def meta_config():
     c = ml_collections.ConfigDict()
     c.episodes = 900  # §5 Exp 1: 900 episodes (Exp 2-5: 2000).
     c.max_windows = 0  # Stop after this many truncation windows (0 = when `episodes` are done).
+    c.max_minutes = 0.0  # Or after this much window time, compiles included (0 = no limit).
     c.num_episodes_parallel = 4  # Episodes in flight; the meta-gradient is their mean.
     c.inner_steps = 500  # T(i): an episode restarts after this many inner steps at the latest.
     c.learning_rate = 1e-3  # §3: Adam, η = 1e-3.
     c.clip_grad_norm = 1.0  # Global-norm clip of the meta-gradient (not in the paper).
     c.loss_scale = 300.0  # §3: c = 300 (Exp 5: 200).
-    c.rep_loss = "huber"  # huber (§4) | standardized (Huber on teacher-std-scaled features)
+    c.rep_loss = "huber"  # huber (§4) | standardized | normalized (see meta_train.rep_loss)
     c.threshold = 20.0  # §5: curriculum loss threshold, first value,
     c.threshold_step = 5.0  # raised by this every `curriculum_every` episodes,
     c.threshold_max = 30.0  # up to this (Exp 2: 50).
@@ -133,6 +134,7 @@ def meta_config():
     c.first_order = False  # Drop the second-order terms through the student's gradient.
     c.hidden_kernel = 64  # §5.1: LSTM hidden size for conv/dense kernels,
     c.hidden_vector = 32  # and for GroupNorm scales/offsets and biases.
+    c.gate = "tanh"  # tanh (§5.1, δ may turn negative) | exp (δ = exp(scale·tanh(z)) > 0)
     c.input_clip = 5.0  # Meta-learner inputs are RMS-normalised, then clipped to this.
     c.checkpoint_minutes = 10.0  # Orbax checkpoint of the meta-state this often (and at the end).
     return c
