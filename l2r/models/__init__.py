@@ -13,6 +13,11 @@ classification heads) and, with `taps=True`, a `Tap` per conv, GroupNorm and den
 by the layer's param path joined with "/" (so `taps[k]` pairs with the leaves of the params
 subtree at path `k.split("/")`: a conv's kernel, a GroupNorm's scale and bias, a dense layer's
 kernel and bias). Heads are separate so one backbone can carry several (Task A, Task B).
+
+For HAT (`l2r.methods.hat`), `apply(params, x, masks={unit layer: [C] gate})` multiplies the
+output channels of the named GroupNorm / dense layers by their gates (after the normalisation);
+`model.units` lists those unit layers and their widths, `model.wiring` which unit layers each
+parameter layer writes to and reads from. `masks=None` runs the unmasked program unchanged.
 """
 
 import dataclasses
@@ -24,10 +29,19 @@ import jax
 import jax.numpy as jnp
 
 from l2r.models.conv import IMPLS, conv2d
-from l2r.models.convnet import ConvNet, Output, Tap, collect_taps, fast_init
+from l2r.models.convnet import ConvNet, Output, Tap, Wiring, collect_taps, fast_init
 from l2r.models.resnet import ResNet, check_depth
 
-__all__ = ["Model", "Output", "Tap", "apply_head", "conv2d", "init_head", "make_model"]
+__all__ = [
+    "Model",
+    "Output",
+    "Tap",
+    "Wiring",
+    "apply_head",
+    "conv2d",
+    "init_head",
+    "make_model",
+]
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet": {"depth": 32, "widths": (16, 32, 64), "groups": 8, "conv_impl": "canonical"},
@@ -44,8 +58,12 @@ class Model:
       representation_dim: D, the width of `Output.representation`.
       init: init(key, input_shape_NHWC) -> params, a plain nested dict (only H, W, C matter).
         Same distribution as the Flax module's init, drawn in one go (see `fast_init`).
-      apply: apply(params, x [N, H, W, C] float32, taps=False) -> Output.
+      apply: apply(params, x [N, H, W, C] float32, taps=False, masks=None) -> Output; `masks`
+        {unit layer: [C]} gates output channels (any subset of `units`; None = no gating).
       kwargs: the full configuration used (defaults filled in).
+      units: {unit layer: channels}, the GroupNorm / dense layers `masks` can gate.
+      wiring: {parameter layer path: Wiring(unit, inputs)} for every conv, GroupNorm and dense
+        layer: the unit layer gating its output, and those whose max gates its input.
     """
 
     name: str
@@ -53,6 +71,8 @@ class Model:
     init: Callable[..., dict]
     apply: Callable[..., Output]
     kwargs: dict = dataclasses.field(default_factory=dict)
+    units: dict[str, int] = dataclasses.field(default_factory=dict)
+    wiring: dict[str, Wiring] = dataclasses.field(default_factory=dict)
 
 
 def _validate(name: str, cfg: dict[str, Any]) -> None:
@@ -120,19 +140,30 @@ def make_model(name: str, **kwargs: Any) -> Model:
             )
         return jit_init(key, tuple(input_shape[1:]))
 
-    def apply(params: dict, x: jax.Array, taps: bool = False) -> Output:
+    units, wiring = module.layout()
+
+    def apply(params: dict, x: jax.Array, taps: bool = False, masks=None) -> Output:
         if x.ndim != 4:
             raise ValueError(
                 f"{name}.apply expects images [N, H, W, C], got shape {x.shape}; add a batch "
                 "axis (x[None]) or a channel axis (x[..., None])."
             )
         variables = {"params": params}
+        kwargs = {}
+        if masks is not None:
+            unknown = sorted(set(masks) - set(units))
+            if unknown:
+                raise ValueError(
+                    f"{name}.apply: masks for unknown unit layers {unknown}; valid ones: "
+                    f"{sorted(units)}."
+                )
+            kwargs["masks"] = dict(masks)
         if not taps:
-            return Output(module.apply(variables, x), None)
-        rep, state = module.apply(variables, x, taps=True, mutable=["intermediates"])
+            return Output(module.apply(variables, x, **kwargs), None)
+        rep, state = module.apply(variables, x, taps=True, mutable=["intermediates"], **kwargs)
         return Output(rep, collect_taps(state["intermediates"]))
 
-    return Model(name, rep_dim, init, apply, cfg)
+    return Model(name, rep_dim, init, apply, cfg, units, wiring)
 
 
 def init_head(key: jax.Array, in_dim: int, num_classes: int) -> dict[str, jax.Array]:

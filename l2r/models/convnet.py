@@ -5,6 +5,13 @@ Every layer here can record a `Tap` (spatial means of its input and output) into
 `taps=False` nothing is sown, so the plain forward pass pays nothing. `collect_taps` turns that
 collection into `{"path/to/layer": Tap}`, where the path is the layer's key path in the params
 tree: `taps["stage1_block0/conv1"]` belongs to `params["stage1_block0"]["conv1"]["kernel"]`.
+
+Unit masks (HAT, Serrà et al. 2018): GroupNorm and Dense take an optional per-channel `mask`
+[C] that multiplies their output (after the normalisation and affine, before the relu, which
+commutes with a non-negative gate). The backbones take `masks`, {unit-layer path: [C]}, keyed
+like the taps by the GroupNorm / dense layer's path; `None` (the default) builds exactly the
+unmasked program. `Wiring` says which unit layers a parameter layer writes to and reads from,
+so that HAT can condition each weight's gradient on the gates of both ends.
 """
 
 import math
@@ -65,6 +72,25 @@ def fast_init(key: jax.Array, abstract_params: dict) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
+class Wiring(NamedTuple):
+    """Which gated unit layers one parameter layer writes to and reads from (for HAT).
+
+    `unit` is the unit layer whose gate multiplies this layer's output channels: a conv's
+    GroupNorm, a GroupNorm itself, a dense layer itself. `inputs` are the unit layers whose gates
+    cover this layer's input channels; a channel is live when any of them is (residual sums), so
+    the input gate is their elementwise max; () means the image (always live). GroupNorm layers
+    have inputs () (their scale/bias act on their own channels only).
+    """
+
+    unit: str
+    inputs: tuple[str, ...]
+
+
+def mask_of(masks: dict | None, name: str) -> jax.Array | None:
+    """`masks[name]`, or None when there are no masks or none for `name`."""
+    return None if masks is None else masks.get(name)
+
+
 class Tap(NamedTuple):
     """What the meta-learner sees of one layer (paper §5.1: activations averaged over space)."""
 
@@ -118,7 +144,10 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array, taps: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, taps: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """[N, H, W, C] -> [N, H, W, C]; with `mask` [C], the output times the mask."""
         n, h, w, c = x.shape
         if c % self.num_groups:
             raise ValueError(
@@ -131,6 +160,8 @@ class GroupNorm(nn.Module):
         mean = xg.mean(axis=(1, 2, 4), keepdims=True)
         var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
         y = ((xg - mean) * lax.rsqrt(var + self.epsilon)).reshape(x.shape) * scale + bias
+        if mask is not None:
+            y = y * mask
         if taps:
             _sow_tap(self, x, y)
         return y
@@ -142,10 +173,15 @@ class Dense(nn.Module):
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, taps: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, taps: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """[N, D] -> [N, F]; with `mask` [F], the output times the mask."""
         kernel = self.param("kernel", he_normal, (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         y = x @ kernel + bias
+        if mask is not None:
+            y = y * mask
         if taps:
             _sow_tap(self, x, y)
         return y
@@ -157,6 +193,7 @@ class ConvNet(nn.Module):
     The first conv has stride 1, every later one stride 2 (a strided conv, not pooling, keeps
     the whole net on `conv2d`'s fast path). With `hidden`, a dense layer + relu follows the pool
     and its output is the representation. Params / tap keys: conv{i}, gn{i} (i = 0..), hidden.
+    Unit layers (mask keys): gn{i}, hidden.
 
     Attributes:
       widths: output channels of the convs, e.g. (32, 64, 64).
@@ -171,13 +208,28 @@ class ConvNet(nn.Module):
     conv_impl: str = "canonical"
 
     @nn.compact
-    def __call__(self, x: jax.Array, taps: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, taps: bool = False, masks: dict[str, jax.Array] | None = None
+    ) -> jax.Array:
         """[N, H, W, C] images -> [N, D] representation (D = hidden or widths[-1])."""
         h = x
         for i, width in enumerate(self.widths):
             h = Conv(width, 3, 1 if i == 0 else 2, self.conv_impl, name=f"conv{i}")(h, taps)
-            h = nn.relu(GroupNorm(self.groups, name=f"gn{i}")(h, taps))
+            gn = GroupNorm(self.groups, name=f"gn{i}")
+            h = nn.relu(gn(h, taps, mask_of(masks, f"gn{i}")))
         h = h.mean(axis=(1, 2))
         if self.hidden is not None:
-            h = nn.relu(Dense(self.hidden, name="hidden")(h, taps))
+            h = nn.relu(Dense(self.hidden, name="hidden")(h, taps, mask_of(masks, "hidden")))
         return h
+
+    def layout(self) -> tuple[dict[str, int], dict[str, Wiring]]:
+        """({unit layer: channels}, {parameter layer: Wiring}), without building anything."""
+        units, wiring = {}, {}
+        for i, width in enumerate(self.widths):
+            units[f"gn{i}"] = width
+            wiring[f"conv{i}"] = Wiring(f"gn{i}", (f"gn{i - 1}",) if i else ())
+            wiring[f"gn{i}"] = Wiring(f"gn{i}", ())
+        if self.hidden is not None:
+            units["hidden"] = self.hidden
+            wiring["hidden"] = Wiring("hidden", (f"gn{len(self.widths) - 1}",))
+        return units, wiring

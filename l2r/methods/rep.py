@@ -1,0 +1,245 @@
+"""Rep (paper §5.1): a backbone pre-trained on Task A plus the meta-training classes, then SGD.
+
+"We use the meta-training 50 classes plus data from Task A to pretrain a representation backbone
+using cross entropy classification objective. During meta-test we follow the same protocol as
+SGD." So Rep only changes the network Task B starts from; Task B itself is `make_sgd`.
+
+Choices the paper leaves open, made here:
+  * One joint softmax over K_a + K_m classes: Task A's labels 0..K_a-1 followed by the
+    meta-training labels offset by K_a (`joint_labels`).
+  * Trained from scratch with the optimiser, batch size and schedule of `config.pretrain`, for
+    `task_b.rep.steps` steps (0 = `pretrain.steps`), so Rep costs what Task-A pre-training does.
+  * Every batch holds a fixed share of each task, in proportion to their training-set sizes
+    (`batch_split`): in expectation what uniform sampling from the union would give, with less
+    variance. Each part is gathered and normalised with its own task's statistics, so A and the
+    meta-training data may come from different datasets (CIFAR-10 and CIFAR-100).
+  * The returned 'head' is the Task-A block of the joint head (`split_head`): its logits are
+    exactly the joint logits of A's classes, so the Original-A probe (A's head on A's test set,
+    argmax over A's classes) reads the network as it reads a Task-A-only one.
+  * Checkpoints are cached like pre-training's, keyed by `fingerprint`, which adds the content
+    of both tasks' training data to the config fields (the meta-training data is built by each
+    experiment, so no config field names it fully).
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from l2r import checkpoint, models, pretrain, report, rng, training
+from l2r.data import stream
+
+
+def num_classes(data: training.DeviceTask) -> int:
+    return int(np.asarray(data.train_labels).max()) + 1
+
+
+def joint_labels(labels_meta: jax.Array, num_classes_a: int) -> jax.Array:
+    """Meta-training labels in the joint label space: K_a + y (Task A keeps 0..K_a-1)."""
+    return labels_meta + num_classes_a
+
+
+def split_head(head: dict, num_classes_a: int) -> tuple[dict, dict]:
+    """Joint head {'kernel' [D, K_a+K_m], 'bias' [K_a+K_m]} -> (Task-A head, meta head)."""
+    head_a = jax.tree.map(lambda v: v[..., :num_classes_a], head)
+    head_meta = jax.tree.map(lambda v: v[..., num_classes_a:], head)
+    return head_a, head_meta
+
+
+def batch_split(batch_size: int, n_a: int, n_meta: int) -> tuple[int, int]:
+    """(Task-A, meta) examples per batch, proportional to the training-set sizes, each >= 1."""
+    if batch_size < 2:
+        raise ValueError(f"Rep needs a batch of at least 2 (one per task), got {batch_size}.")
+    b_a = int(round(batch_size * n_a / (n_a + n_meta)))
+    b_a = min(max(b_a, 1), batch_size - 1)
+    return b_a, batch_size - b_a
+
+
+def rep_pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.pretrain` with `steps` replaced by `task_b.rep.steps` when that is > 0."""
+    cfg = ml_collections.ConfigDict(config.pretrain.to_dict())
+    if config.task_b.rep.steps > 0:
+        cfg.steps = config.task_b.rep.steps
+    return cfg
+
+
+def _data_digest(data: training.DeviceTask) -> str:
+    h = hashlib.sha256()
+    for a in (data.train_images, data.train_labels, data.mean, data.std):
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(config, data_a: training.DeviceTask, data_meta: training.DeviceTask) -> str:
+    """Hash of what determines Rep's networks: pre-training's fields, the step count, and the
+    training data of both tasks (by content)."""
+    blob = json.dumps(
+        {
+            "pretrain": pretrain.fingerprint(config),
+            "steps": rep_pretrain_config(config).steps,
+            "data_a": _data_digest(data_a),
+            "data_meta": _data_digest(data_meta),
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def train_joint(config, model, data_a, data_meta, seeds, ckpt_ids):
+    """Trains len(seeds) networks on A ∪ meta with one joint softmax, together.
+
+    Returns:
+      (params stacked [S, ...] {'backbone', 'head'} with the joint head [D, K_a+K_m],
+       Task-A test accuracy of the A block [S], meta test accuracy of the meta block [S],
+       training loss of every step [S, steps]).
+    """
+    cfg = rep_pretrain_config(config)
+    opt = pretrain.make_optimizer(cfg)
+    k_a, k_m = num_classes(data_a), num_classes(data_meta)
+    n_a, n_m = data_a.train_labels.shape[0], data_meta.train_labels.shape[0]
+    b_a, b_m = batch_split(cfg.batch_size, n_a, n_m)
+    if data_a.train_images.shape[1:] != data_meta.train_images.shape[1:]:
+        raise ValueError(
+            f"Task A images {data_a.train_images.shape[1:]} and meta-training images "
+            f"{data_meta.train_images.shape[1:]} differ in shape; load both at one image_size."
+        )
+    input_shape = (1, *data_a.train_images.shape[1:])
+
+    keys = jnp.stack([rng.key_for(config.seed, "rep_init", i) for i in ckpt_ids])
+    params = jax.vmap(lambda k: pretrain.init_network(model, k, input_shape, k_a + k_m))(keys)
+    opt_state = jax.vmap(opt.init)(params)
+    idx_a = stream.index_streams(
+        n_a, b_a, cfg.steps, [rng.seed_for(config.seed, "rep_data_a", s) for s in seeds]
+    )
+    idx_m = stream.index_streams(
+        n_m, b_m, cfg.steps, [rng.seed_for(config.seed, "rep_data_meta", s) for s in seeds]
+    )
+    aug = (
+        training.augment_streams(cfg.batch_size, cfg.steps, seeds) if config.data.augment else None
+    )
+
+    def loss_fn(p, x, y):
+        logits = models.apply_head(p["head"], model.apply(p["backbone"], x).representation)
+        return training.cross_entropy(logits, y)
+
+    @jax.jit
+    def run_chunk(p, s, data_a, data_m, idx_a, idx_m, aug):
+        def step(carry, xs):
+            p, s = carry
+            ia, im, au = xs
+            au_a = au_m = None
+            if au is not None:
+                au_a = jax.tree.map(lambda v: v[:b_a], au)
+                au_m = jax.tree.map(lambda v: v[b_a:], au)
+            x_a, y_a = training.gather(data_a, ia, au_a)
+            x_m, y_m = training.gather(data_m, im, au_m)
+            # One forward pass over the union batch (GroupNorm is per example).
+            x = jnp.concatenate([x_a, x_m])
+            y = jnp.concatenate([y_a, joint_labels(y_m, k_a)])
+            loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+            updates, s = opt.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), loss
+
+        def one_seed(p, s, ia, im, au):
+            (p, s), losses = jax.lax.scan(step, (p, s), (ia, im, au))
+            return p, s, losses
+
+        return training.map_seeds(one_seed, p, s, idx_a, idx_m, aug)
+
+    progress = report.Progress(cfg.steps, f"rep pretrain x{len(seeds)}")
+    losses = []
+    for start in range(0, cfg.steps, pretrain.CHUNK_STEPS):
+        stop = min(start + pretrain.CHUNK_STEPS, cfg.steps)
+        params, opt_state, loss = run_chunk(
+            params,
+            opt_state,
+            data_a,
+            data_meta,
+            idx_a[:, start:stop],
+            idx_m[:, start:stop],
+            training.slice_steps(aug, start, stop),
+        )
+        losses.append(np.asarray(loss))
+        progress.update(stop, loss=float(loss.mean()))
+
+    @jax.jit
+    def test_accuracies(params, data_a, data_m):
+        def one(p):
+            head_a, head_m = split_head(p["head"], k_a)
+            acc = []
+            for data, head in ((data_a, head_a), (data_m, head_m)):
+                rep = training.features(
+                    model.apply, p["backbone"], data.test_images, data.mean, data.std
+                )
+                acc.append(training.accuracy(models.apply_head(head, rep), data.test_labels))
+            return tuple(acc)
+
+        return jax.lax.map(one, params)
+
+    acc_a, acc_m = test_accuracies(params, data_a, data_meta)
+    return params, np.asarray(acc_a), np.asarray(acc_m), np.concatenate(losses, axis=1)
+
+
+def pretrain_rep(config, model, data_a, data_meta, workdir: str):
+    """Rep's starting networks: one per `pretrain.num_checkpoints`, trained where missing.
+
+    Args:
+      config: the experiment config (`pretrain`, `task_b.rep`, `data.augment`, `seed`).
+      model: the backbone (`models.Model`).
+      data_a: Task A on the device, labels 0..K_a-1.
+      data_meta: the meta-training data on the device, labels 0..K_m-1, classes disjoint from
+        the meta-test Task B (Exp 1: DB1 of Task B; Exp 2-5: the meta-training class pool).
+      workdir: checkpoints go under `pretrain.dir` or `<workdir>/pretrain`, in `rep-<fingerprint>`.
+
+    Returns:
+      (networks stacked [n, ...] {'backbone', 'head'} with 'head' the Task-A block of the joint
+       head, Task-A test accuracies [n], seconds spent training).
+    """
+    cfg = config.pretrain
+    root = os.path.join(
+        cfg.dir or os.path.join(workdir, "pretrain"),
+        f"rep-{fingerprint(config, data_a, data_meta)}",
+    )
+    paths = [os.path.join(root, f"ckpt_{i}") for i in range(cfg.num_checkpoints)]
+    missing = [i for i, p in enumerate(paths) if not checkpoint.exists(p)]
+    k_a = num_classes(data_a)
+    t0 = time.time()
+    for start in range(0, len(missing), cfg.seeds_per_call):
+        ids = missing[start : start + cfg.seeds_per_call]
+        seeds = [rng.seed_for(config.seed, "rep_data", i) for i in ids]
+        params, acc_a, acc_m, _ = train_joint(config, model, data_a, data_meta, seeds, ids)
+        for j, i in enumerate(ids):
+            net = jax.tree.map(lambda a, j=j: a[j], params)
+            net = {"backbone": net["backbone"], "head": split_head(net["head"], k_a)[0]}
+            meta = {
+                "test_accuracy": float(acc_a[j]),
+                "meta_test_accuracy": float(acc_m[j]),
+                "seed": seeds[j],
+            }
+            checkpoint.save(paths[i], net, meta)
+            logging.info(
+                "Rep checkpoint %d: Task-A test accuracy %.2f%%, meta-training classes %.2f%%",
+                i,
+                100 * acc_a[j],
+                100 * acc_m[j],
+            )
+    train_s = time.time() - t0
+    nets, accs = [], []
+    for i, p in enumerate(paths):
+        net, meta = checkpoint.restore(p)
+        nets.append(net)
+        accs.append(meta["test_accuracy"])
+        if i not in missing:
+            logging.info(
+                "Reusing Rep checkpoint %s (Task-A test accuracy %.2f%%)", p, 100 * accs[-1]
+            )
+    return jax.tree.map(lambda *a: jnp.stack(a), *nets), np.asarray(accs), train_s
