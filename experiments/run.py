@@ -24,7 +24,13 @@ flags.DEFINE_bool("overwrite", False, "Replace finished results already in --wor
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-PIPELINES = {"fig1": "l2r.forgetting", "exp1": "l2r.remember"}
+PIPELINES = {
+    "fig1": "l2r.forgetting",
+    "exp1": "l2r.remember",
+    "exp2": "l2r.remember",
+    "exp3": "l2r.remember",
+    "exp4": "l2r.remember",
+}
 
 
 def quiet_libraries(record) -> bool:

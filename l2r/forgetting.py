@@ -93,21 +93,71 @@ def probe_task(task, mean, std, cfg, stream_name, seed) -> training.DeviceTask:
 
 
 def initial_networks(config, pretrained, num_classes_b: int, rep_dim: int):
-    """Per Task-B seed s: checkpoint s % n, and a fresh Task-B head (the same for every method)."""
-    ckpt = np.arange(config.num_seeds) % config.pretrain.num_checkpoints
+    """Per Task-B seed s: checkpoint s % n, and a fresh Task-B head (the same for every method).
+
+    `pretrained` is stacked [n, ...] {'backbone', 'head', ...}; entries besides these two (a
+    method's own pre-trained state, e.g. HAT's {'hat': {'emb_a'}}) are passed on as they are."""
+    n = jax.tree.leaves(pretrained["backbone"])[0].shape[0]
+    ckpt = np.arange(config.num_seeds) % n
     heads_b = [
         models.init_head(rng.key_for(config.seed, "head_b", s), rep_dim, num_classes_b)
         for s in range(config.num_seeds)
     ]
+    pick = lambda tree: jax.tree.map(lambda a: a[ckpt], tree)  # noqa: E731
+    extra = {k: pick(v) for k, v in pretrained.items() if k not in ("backbone", "head")}
     return {
-        "backbone": jax.tree.map(lambda a: a[ckpt], pretrained["backbone"]),
-        "head_a": jax.tree.map(lambda a: a[ckpt], pretrained["head"]),
+        **extra,
+        "backbone": pick(pretrained["backbone"]),
+        "head_a": pick(pretrained["head"]),
         "head_b": jax.tree.map(lambda *h: np.stack(h), *heads_b),
     }
 
 
-def compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods) -> dict:
+def method_starts(config, model, pretrained, data_a, data_meta, workdir, n_way=None):
+    """The starting networks of the methods of `task_b.methods` that do not start from the
+    plain Task-A network (§4): HAT (pre-trained with masks), Rep (pre-trained on A and the
+    meta-training classes) and OML (the pre-trained backbone meta-trained for fast readouts).
+
+    Args:
+      data_meta: the meta-training data (Exp 1: DB1; Exps 2-5: the pool of meta-training
+        classes), or None where there is none (Fig. 1): Rep and OML then cannot run.
+      n_way: classes per OML episode (None: all meta-training classes at once).
+
+    Returns:
+      ({method name: stacked [n, ...] {'backbone', 'head', ...}}, {method name: seconds}).
+    """
+    from l2r.methods import hat, oml, rep
+
+    names, starts, seconds = config.task_b.methods, {}, {}
+    if "hat" in names:
+        nets, _, seconds["hat"] = hat.pretrain_hat(config, model, data_a, workdir)
+        starts["hat"] = {"backbone": nets["backbone"], "head": nets["head"],
+                         "hat": {"emb_a": nets["emb_a"]}}  # fmt: skip
+    if ("rep" in names or "oml" in names) and data_meta is None:
+        raise ConfigError(
+            "task_b.methods names rep/oml, which need meta-training data; this experiment has "
+            "none (Fig. 1). Run them in exp1..exp4, or drop them from task_b.methods."
+        )
+    if "rep" in names:
+        starts["rep"], _, seconds["rep"] = rep.pretrain_rep(config, model, data_a, data_meta,
+                                                            workdir)  # fmt: skip
+    if "oml" in names:
+        key = rng.key_for(config.seed, "oml")
+        starts["oml"], _, seconds["oml"] = oml.meta_train_oml(
+            config, model, pretrained, data_a, data_meta, key, n_way=n_way
+        )
+    return starts, seconds
+
+
+def compare_methods(
+    config, model, pretrained, task_a, task_b, mean, std, methods, starts=None
+) -> dict:
     """Runs every `Method` of `methods` on Task B over `num_seeds` seeds, probed identically.
+
+    Every method starts from `pretrained`, or from `starts[name]` where given (see
+    `method_starts`), with the same Task-B heads and batches. A method with its own start or a
+    task-dependent representation (`Method.represent`) gets its own step-0 probe, which is
+    also its CKA reference.
 
     Returns:
       {"methods": {name: {metric: [S, P]}}, "steps", "seeds", "timing": {"task_b_s", "probe_s"}}.
@@ -117,7 +167,11 @@ def compare_methods(config, model, pretrained, task_a, task_b, mean, std, method
     )
     data_a = training.to_device(task_a, mean, std)
     data_b = training.to_device(task_b, mean, std)
-    networks0 = initial_networks(config, pretrained, task_b.num_classes, model.representation_dim)
+    starts = starts or {}
+    start_of = lambda name: initial_networks(  # noqa: E731
+        config, starts.get(name, pretrained), task_b.num_classes, model.representation_dim
+    )
+    networks0 = start_of(None)
     sets = run_b.ProbeSets(
         a=probe_task(task_a, mean, std, config.readout, "probe_a", config.seed),
         b=probe_task(task_b, mean, std, config.readout, "probe_b", config.seed),
@@ -136,9 +190,11 @@ def compare_methods(config, model, pretrained, task_a, task_b, mean, std, method
     probe_s = time.time() - t1
     histories, train_times = {}, {}
     for method in methods:
+        own = method.name in starts or method.represent is not None
         history, train_s, method_probe_s = run_b.run_method(
-            method, networks0, data_a, data_b, streams, config, probe_fn, sets, initial
-        )
+            method, start_of(method.name) if own else networks0, data_a, data_b, streams,
+            config, probe_fn, sets, None if own else initial,
+        )  # fmt: skip
         histories[method.name] = history
         train_times[method.name] = train_s
         probe_s += method_probe_s
@@ -161,8 +217,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     data_a = training.to_device(task_a, mean, std)
     pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
+    starts, start_s = method_starts(config, model, pretrained, data_a, None, workdir)
     methods = [make_method(n, model, config.task_b) for n in config.task_b.methods]
-    compared = compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods)
+    compared = compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods,
+                               starts)  # fmt: skip
     results = {
         "experiment": config.experiment,
         "preset": config.preset,
@@ -170,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         **compared,
         "pretrain_test_accuracy": pre_acc,
     }
-    results["timing"].update(pretrain_s=pretrain_s, total_s=time.time() - t0)
+    results["timing"].update(pretrain_s=pretrain_s, starts_s=start_s, total_s=time.time() - t0)
     paths = report.write_report(results, workdir, prefix="fig1")
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
     logging.info("Wrote %s", ", ".join(paths.values()))

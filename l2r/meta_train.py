@@ -386,7 +386,9 @@ def _finished(cfg, state: MetaState, seconds) -> bool:
     return int(state.episodes_done) >= cfg.episodes
 
 
-def meta_train(config, model, pretrained, data_a, data_b, ckpt_dir: str, trainer=None):
+def meta_train(
+    config, model, pretrained, data_a, data_b, ckpt_dir: str, trainer=None, class_table=None
+):
     """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
     windows, or `meta.max_minutes` of window time, compilation included: a wall-clock budget,
     so the number of windows it allows depends on the machine), resuming from the latest
@@ -394,12 +396,13 @@ def meta_train(config, model, pretrained, data_a, data_b, ckpt_dir: str, trainer
 
     Args:
       trainer: a `MetaTrainer` built for the same arguments, to reuse its compiled windows.
+      class_table: the episodes' n-way tasks (see `MetaTrainer`); None: all of data_b.
 
     Returns:
       (trainer, final MetaState, history {name: list} per window).
     """
     cfg = config.meta
-    trainer = trainer or MetaTrainer(config, model, pretrained, data_a, data_b)
+    trainer = trainer or MetaTrainer(config, model, pretrained, data_a, data_b, class_table)
     state = trainer.init()
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as manager:

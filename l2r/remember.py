@@ -1,17 +1,24 @@
-"""Learning to remember, end to end (Exp. 1): pre-train, meta-train, meta-test, report.
+"""Learning to remember, end to end (Exps. 1-4): pre-train, meta-train, meta-test, report.
 
 Stages:
-  1. data -> Task A, Task B; B's training examples split into halves DB1 (meta-training) and DB2
-     (meta-test), the test split shared (§5.2, Table 1);
-  2. Task-A pre-training (`l2r.pretrain`, cached);
-  3. meta-training of θ on A / DB1 (`l2r.meta_train`, Orbax checkpoints, resumable);
-  4. meta-test on DB2: the learned rule and the baselines of `task_b.methods` over `num_seeds`
-     seeds, probed identically (`l2r.forgetting.compare_methods`);
+  1. data -> Task A and the meta-training / meta-test Task-B data (§5, Table 1):
+       Exp 1: Task B's training examples split into halves DB1 (meta-training) and DB2
+         (meta-test), the test split shared;
+       Exps 2-4 (a `pools` config group): episodes learn n-way tasks drawn from a pool of
+         meta-training classes; meta-test on `pools.meta_test_tasks` n-way tasks drawn from a
+         disjoint pool (Exp 4: of another dataset);
+  2. Task-A pre-training (`l2r.pretrain`, cached); Exp 3 (`meta.train_checkpoints` > 0):
+     episodes start from the first `train_checkpoints` networks, the meta-test from the others;
+  3. meta-training of θ (`l2r.meta_train`, Orbax checkpoints, resumable);
+  4. meta-test: the learned rule and the baselines of `task_b.methods` over `num_seeds` seeds
+     per meta-test task, probed identically (`l2r.forgetting.compare_methods`); the runs of all
+     meta-test tasks are reported together (`num_seeds` × tasks runs per method);
   5. artefacts: Fig.-3-style curves, tables, the curriculum (Fig. 6) and δ histograms (Fig. 7).
 """
 
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +30,86 @@ from matplotlib.figure import Figure
 from l2r import experiment, forgetting, meta_train, metalearner, pretrain, report, rng, training
 from l2r import workdir as workdir_lib
 from l2r.data import stream, tasks
-from l2r.experiment import require
+from l2r.experiment import ConfigError, require
 from l2r.methods import METHOD_NAMES, is_method_name, make_method
 from l2r.methods.learned import make_learned, student_step
 
 REP_LOSSES = meta_train.REP_LOSSES
+
+
+class MetaPlan(NamedTuple):
+    """Which data meta-training and meta-test see."""
+
+    meta_train: tasks.Task  # Exp 1: DB1; Exps 2-4: the pool of meta-training classes
+    class_table: np.ndarray | None  # int32 [T, n_way] episode tasks (pool labels), or None
+    meta_test: list  # [tasks.Task]: Exp 1: [DB2]; Exps 2-4: the n-way meta-test tasks
+
+
+def _load_pool(config, pool) -> tasks.Task:
+    """The pool of classes `pool.classes` of the dataset `pool` names ("" = the Task-A data),
+    labels 0..P-1 in the order of `pool.classes`."""
+    dataset = experiment.load_dataset(pool if pool.source else config.data)
+    return tasks.make_task(dataset, pool.classes, f"{dataset.name}-pool")
+
+
+def plan_tasks(config, task_a: tasks.Task, task_b: tasks.Task) -> MetaPlan:
+    """Exp 1: DB1 / DB2 halves of Task B; with `pools`: the two pools and their n-way tasks."""
+    if "pools" not in config:
+        db1, db2 = tasks.halves(task_b, rng.seed_for(config.seed, "halves"))
+        return MetaPlan(db1, None, [db2])
+    p = config.pools
+    train_pool = _load_pool(config, p.meta_train)
+    test_pool = _load_pool(config, p.meta_test)
+    same = lambda a, b: (a.source or config.data.source) == (b.source or config.data.source)  # noqa: E731
+    if same(p.meta_train, p.meta_test):
+        tasks.assert_disjoint(meta_train_pool=train_pool, meta_test_pool=test_pool)
+    for name, pool in (("meta_train", p.meta_train), ("meta_test", p.meta_test)):
+        if not pool.source or pool.source == config.data.source:
+            tasks.assert_disjoint(**{"task_A": task_a, f"{name}_pool": pool.classes})
+        shape_a, shape_p = (
+            task_a.train.images.shape[1:],
+            (train_pool if name == "meta_train" else test_pool).train.images.shape[1:],
+        )
+        if shape_a != shape_p:
+            raise ConfigError(
+                f"pools.{name} images are {shape_p} but Task A's are {shape_a}; set "
+                f"pools.{name}.image_size (and matching channels) so the network sees one shape."
+            )
+    num_tasks = p.meta_train_tasks or config.meta.episodes
+    seed_train = rng.seed_for(config.seed, "meta_train_tasks")
+    seed_test = rng.seed_for(config.seed, "meta_test_tasks")
+    table = tasks.sample_nway_classes(
+        train_pool, range(train_pool.num_classes), p.n_way, num_tasks, seed_train
+    )
+    test = tasks.sample_nway_tasks(
+        test_pool, range(test_pool.num_classes), p.n_way, p.meta_test_tasks, seed_test
+    )
+    return MetaPlan(train_pool, table, test)
+
+
+def split_checkpoints(config, pretrained):
+    """(meta-training networks, meta-test networks): Exp 3 holds out the checkpoints from
+    `meta.train_checkpoints` on; otherwise both use all of them."""
+    k = config.meta.train_checkpoints
+    if not k:
+        return pretrained, pretrained
+    return (jax.tree.map(lambda a: a[:k], pretrained), jax.tree.map(lambda a: a[k:], pretrained))
+
+
+def merge_runs(parts: list[dict]) -> dict:
+    """The comparisons of several meta-test tasks as one: runs stacked along the seed axis."""
+    first = parts[0]
+    methods = {
+        name: {k: np.concatenate([p["methods"][name][k] for p in parts]) for k in hist}
+        for name, hist in first["methods"].items()
+    }
+    runs = sum(len(p["seeds"]) for p in parts)
+    timing = {
+        "task_b_s": {n: sum(p["timing"]["task_b_s"][n] for p in parts) for n in methods},
+        "probe_s": sum(p["timing"]["probe_s"] for p in parts),
+    }
+    return {"steps": first["steps"], "seeds": list(range(runs)), "methods": methods,
+            "timing": timing}  # fmt: skip
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -48,6 +130,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     require(1 <= m.tbptt <= m.tbptt_max, f"meta.tbptt={m.tbptt} must be in [1, tbptt_max].")
     require(m.curriculum_every >= 1, "meta.curriculum_every must be >= 1.")
     require(m.learning_rate > 0 and m.loss_scale > 0, "meta.learning_rate, loss_scale must be > 0.")
+    n_ckpt = config.pretrain.num_checkpoints
+    require(
+        0 <= m.train_checkpoints < n_ckpt,
+        f"meta.train_checkpoints={m.train_checkpoints} must be 0 or leave at least one of the "
+        f"pretrain.num_checkpoints={n_ckpt} networks for the meta-test (Exp 3).",
+    )
+    if "pools" in config:
+        p = config.pools
+        require(p.n_way >= 2, f"pools.n_way={p.n_way}; n-way tasks need at least 2 classes.")
+        require(p.meta_test_tasks >= 1, "pools.meta_test_tasks must be >= 1.")
+        for name in ("meta_train", "meta_test"):
+            classes = p[name].classes
+            require(len(classes) >= p.n_way,
+                    f"pools.{name}.classes has {len(classes)} classes, fewer than "
+                    f"pools.n_way={p.n_way}.")  # fmt: skip
 
 
 def delta_histograms(model, trainer, theta, network, data_b, idx_b, num_steps):
@@ -97,22 +194,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs Exp. 1 of `config` and writes its artefacts into `workdir`."""
     check_config(config)
     task_a, task_b, mean, std = forgetting.build_tasks(config)
-    db1, db2 = tasks.halves(task_b, rng.seed_for(config.seed, "halves"))
-    forgetting.check_sizes(config, task_a, db2)
-    experiment.check_batch("task_b.batch_size", config.task_b.batch_size, len(db1.train.labels),
-                           "Task B (meta-training half)")  # fmt: skip
+    plan = plan_tasks(config, task_a, task_b)
+    for task in plan.meta_test:
+        forgetting.check_sizes(config, task_a, task)
+    experiment.check_batch("task_b.batch_size", config.task_b.batch_size,
+                           len(plan.meta_train.train.labels), "the meta-training data")  # fmt: skip
     workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     model = forgetting.make_model(config)
     t0 = time.time()
     data_a = training.to_device(task_a, mean, std)
     pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
 
+    train_nets, test_nets = split_checkpoints(config, pretrained)
     t1 = time.time()
-    data_b1 = training.to_device(db1, mean, std)
+    data_meta = training.to_device(plan.meta_train, mean, std)
     trainer, state, history = meta_train.meta_train(
-        config, model, pretrained, data_a, data_b1, os.path.join(workdir, "meta")
-    )
+        config, model, train_nets, data_a, data_meta, os.path.join(workdir, "meta"),
+        class_table=plan.class_table,
+    )  # fmt: skip
     meta_s = time.time() - t1
+    n_way = config.pools.n_way if "pools" in config else None
+    starts, start_s = forgetting.method_starts(config, model, test_nets, data_a, data_meta,
+                                               workdir, n_way)  # fmt: skip
 
     methods = []
     for name in config.task_b.methods:
@@ -120,8 +223,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             methods.append(make_learned(model, trainer.ml, state.theta, trainer.lr))
         else:
             methods.append(make_method(name, model, config.task_b))
-    compared = forgetting.compare_methods(config, model, pretrained, task_a, db2, mean, std,
-                                          methods)  # fmt: skip
+    compared = merge_runs([
+        forgetting.compare_methods(config, model, test_nets, task_a, task, mean, std, methods,
+                                   starts)
+        for task in plan.meta_test
+    ])  # fmt: skip
     results = {
         "experiment": config.experiment,
         "preset": config.preset,
@@ -130,10 +236,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "pretrain_test_accuracy": pre_acc,
         "meta": {k: list(v) for k, v in history.items()},
     }
-    results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s,
+    results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, starts_s=start_s,
                              total_s=time.time() - t0)  # fmt: skip
+    if "pools" in config:
+        results["meta_test_tasks"] = [list(t.class_names) for t in plan.meta_test]
     paths = report.write_report(results, workdir, prefix=config.experiment)
-    net0 = forgetting.initial_networks(config, pretrained, db2.num_classes,
+    db2 = plan.meta_test[0]
+    net0 = forgetting.initial_networks(config, test_nets, db2.num_classes,
                                        model.representation_dim)  # fmt: skip
     net0 = jax.tree.map(lambda a: jnp.asarray(a[0]), net0)
     data_b2 = training.to_device(db2, mean, std)

@@ -158,7 +158,8 @@ def run_method(
     Args:
       networks0: stacked initial networks [S, ...] ({'backbone','head_a','head_b'}).
       initial_probe: (metrics {name: [S]}, reference CKA representation [S, n, D]) of the
-        networks before Task B, shared by all methods.
+        networks before Task B, shared by the methods that start from them; None: probe the
+        method's initial states (its own start or representation) and use that.
 
     Returns:
       ({metric: float array [S, P]} over probe steps 0, probe_every, ..., steps; seconds spent
@@ -166,7 +167,6 @@ def run_method(
     """
     cfg = config.task_b
     num_seeds = streams.idx_b.shape[0]
-    metrics0, ref_rep = initial_probe
     base_keys = jnp.stack(
         [rng.key_for(config.seed, f"task_b_{method.name}", s) for s in range(num_seeds)]
     )
@@ -175,6 +175,11 @@ def run_method(
             lambda n, k: method.init(n, data_a, k), nets, keys
         )
     )(networks0, base_keys, data_a)
+    if initial_probe is None:
+        initial_probe = probe_fn(
+            jax.vmap(method.network)(states), probe_sets, None, method.represent
+        )
+    metrics0, ref_rep = initial_probe
     advance = make_advance(method)
     history = {k: [np.asarray(metrics0[k])] for k in METRICS if k in metrics0}
     history["loss"] = [np.full(num_seeds, np.nan)]

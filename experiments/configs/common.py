@@ -111,6 +111,27 @@ def baselines_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def pool_config(source="", classes=(), **data):
+    """A pool of classes of one dataset (Exps 2-5): the `data_config` fields plus `classes`;
+    source "" means the Task-A dataset (config.data)."""
+    c = data_config(source)
+    c.update(data)
+    c.classes = tuple(classes)  # Pool classes, by name or index.
+    return c
+
+
+def pools_config(meta_train, meta_test, n_way=5, meta_test_tasks=5):
+    """Exps 2-4: episodes learn n-way tasks from `meta_train`, the meta-test n-way tasks come
+    from the disjoint pool `meta_test` (§5.3-5.5)."""
+    c = ml_collections.ConfigDict()
+    c.meta_train = meta_train  # pool_config of the meta-training classes
+    c.meta_test = meta_test  # pool_config of the meta-test classes
+    c.n_way = n_way  # §5.3: 5-way tasks (Exp 5: 10-way).
+    c.meta_test_tasks = meta_test_tasks  # §5.3: 5 draws of the meta-test task, averaged.
+    c.meta_train_tasks = 0  # Distinct meta-training tasks (0 = one per episode).
+    return c
+
+
 def meta_config():
     """Meta-training (Algorithm 1, §3-§5) and the meta-learner (§5.1)."""
     c = ml_collections.ConfigDict()
@@ -136,5 +157,6 @@ def meta_config():
     c.hidden_vector = 32  # and for GroupNorm scales/offsets and biases.
     c.gate = "tanh"  # tanh (§5.1, δ may turn negative) | exp (δ = exp(scale·tanh(z)) > 0)
     c.input_clip = 5.0  # Meta-learner inputs are RMS-normalised, then clipped to this.
+    c.train_checkpoints = 0  # Exp 3: episodes use checkpoints [0, k); meta-test the rest (0 = all).
     c.checkpoint_minutes = 10.0  # Orbax checkpoint of the meta-state this often (and at the end).
     return c

@@ -28,7 +28,7 @@ def make_sgd(model: models.Model, learning_rate: float, name: str = "sgd") -> Me
         trainable = {"backbone": network["backbone"], "head_b": network["head_b"]}
         loss, grads = jax.value_and_grad(loss_fn)(trainable, network["head_a"], batch)
         trainable = jax.tree.map(lambda p, g: p - learning_rate * g, trainable, grads)
-        return {**trainable, "head_a": network["head_a"]}, {"loss": loss}
+        return {**network, **trainable}, {"loss": loss}
 
     return Method(
         name=name, init=lambda network, data_a, key: network, step=step, network=lambda s: s
