@@ -63,13 +63,11 @@ def plan_tasks(config, task_a: tasks.Task, task_b: tasks.Task) -> MetaPlan:
     same = lambda a, b: (a.source or config.data.source) == (b.source or config.data.source)  # noqa: E731
     if same(p.meta_train, p.meta_test):
         tasks.assert_disjoint(meta_train_pool=train_pool, meta_test_pool=test_pool)
-    for name, pool in (("meta_train", p.meta_train), ("meta_test", p.meta_test)):
+    for name, pool, loaded in (("meta_train", p.meta_train, train_pool),
+                               ("meta_test", p.meta_test, test_pool)):  # fmt: skip
         if not pool.source or pool.source == config.data.source:
-            tasks.assert_disjoint(**{"task_A": task_a, f"{name}_pool": pool.classes})
-        shape_a, shape_p = (
-            task_a.train.images.shape[1:],
-            (train_pool if name == "meta_train" else test_pool).train.images.shape[1:],
-        )
+            tasks.assert_disjoint(**{"task_A": task_a, f"{name}_pool": loaded})
+        shape_a, shape_p = task_a.train.images.shape[1:], loaded.train.images.shape[1:]
         if shape_a != shape_p:
             raise ConfigError(
                 f"pools.{name} images are {shape_p} but Task A's are {shape_a}; set "

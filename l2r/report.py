@@ -18,6 +18,8 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
+from l2r import cl_metrics
+
 # Metrics with these prefixes are accuracies in [0, 1], displayed in percent.
 _PERCENT_PREFIXES = ("readout_", "original_")
 
@@ -165,7 +167,13 @@ def write_markdown(results, workdir, title=None) -> str:
         f"Experiment `{results.get('experiment')}`, preset `{results.get('preset')}`, "
         f"{len(seeds)} seeds {seeds}, {len(steps)} probe steps from {steps[0]} to {steps[-1]}."
     )
-    parts = [f"# {title}", setup, "## Summary", summary_table(results), "## Curves"]
+    parts = [f"# {title}", setup, "## Summary", summary_table(results)]
+    if all(m in _metric_names(results) for m in cl_metrics.READOUT):
+        parts += [
+            "## Continual-learning view (readout accuracy; rows: before / after Task B)",
+            cl_metrics.markdown_table(results),
+        ]
+    parts.append("## Curves")
     metrics = _metric_names(results)
     parts += [
         curves_table(results, m) for m in ("readout_A", "original_A", "readout_B") if m in metrics
