@@ -3,6 +3,7 @@ r"""Benchmarks whose figures are ratios measured side by side in one process.
   python -m experiments.bench                      # everything below
   python -m experiments.bench --only=sgd           # SGD step rates (ResNet-32-GN, cpu net)
   python -m experiments.bench --only=probe         # all probe fits of fig1:cpu vs scikit-learn
+  python -m experiments.bench --only=meta          # meta-training rates and compiled memory
 
 Timings on shared machines drift 10-40% between runs (PERF-NOTES.md): compare rows of one run,
 not rows of different runs. Each timing is the median of `--repeats` after a warm-up call.
@@ -18,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("only", ["sgd", "probe"], "Sections to run: sgd, probe.")
+flags.DEFINE_list("only", ["sgd", "probe", "meta"], "Sections to run: sgd, probe, meta.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions per measurement (median reported).")
 
 
@@ -167,6 +168,110 @@ def bench_probe(repeats):
         print(f"| {name} | {sec:.1f} | {sec / ref:.2f}x | {100 * acc:.2f}% |")
 
 
+# ----------------------------------------------------------------------------------------------
+# Meta-training
+
+
+def _meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
+    """A MetaTrainer of exp1:<preset>'s model on random uint8 data (rates do not depend on it)."""
+    from experiments.configs import exp1
+    from l2r import forgetting, meta_train, pretrain, training
+
+    config = exp1.get_config(preset)
+    for k, v in overrides.items():
+        config.meta[k] = v
+    model = forgetting.make_model(config)
+    gen = np.random.default_rng(0)
+
+    def task(offset):
+        images = gen.integers(0, 256, (n, *image_shape), dtype=np.uint8)
+        labels = (np.arange(n) % num_classes).astype(np.int32)
+        mean, std = np.full(image_shape[-1], 0.5, np.float32), np.full(image_shape[-1], 0.25)
+        return training.DeviceTask(*map(jnp.asarray, (images, labels, images, labels, mean,
+                                                      std.astype(np.float32))))  # fmt: skip
+
+    data_a, data_b = task(0), task(1)
+    net = pretrain.init_network(model, jax.random.key(0), (1, *image_shape), num_classes)
+    pretrained = jax.tree.map(lambda a: a[None], net)
+    return config, model, meta_train.MetaTrainer(config, model, pretrained, data_a, data_b)
+
+
+def _window_seconds(trainer, s, repeats):
+    state = trainer.init()
+    idx_a, idx_b = trainer.batches(0, s)
+    window = trainer._window_fn(s)
+    thr = jnp.float32(1e9)  # no restarts: every window does the same work
+    run = lambda: window(state, trainer.inputs, idx_a, idx_b, thr)[0]  # noqa: E731
+    return median_seconds(run, repeats)
+
+
+def _teacher_step_seconds(trainer, repeats, steps=10):
+    from l2r import training
+    from l2r.methods import Batch
+
+    inp = trainer.inputs
+    state = trainer.init()
+    net = jax.tree.map(lambda a: a[0], state.episodes.teacher)
+    idx_a, idx_b = trainer.batches(0, steps)
+
+    @jax.jit
+    def run(net, ia, ib):
+        def body(n, i):
+            x_a, y_a = training.gather(inp.data_a, i[0])
+            x_b, y_b = training.gather(inp.data_b, i[1])
+            return trainer.teacher.step(n, Batch(x_b, y_b, x_a, y_a), None)[0], None
+
+        return jax.lax.scan(body, net, (ia, ib))[0]
+
+    return median_seconds(lambda: run(net, idx_a[0], idx_b[0]), repeats) / steps
+
+
+def bench_meta(repeats):
+    """Meta-training on exp1:cpu's convnet: inner steps/s of both T-BPTT layouts against a teacher
+    SGD step; episodes mapped vs vmapped; compiled peak memory against T-BPTT length, episode
+    length and episode count (XLA's memory analysis of the compiled window)."""
+    reps = max(2, repeats // 2)
+    e, s = 4, 5
+    print(f"\n## Meta-training rate, exp1:cpu convnet, {e} episodes, T-BPTT {s}, second order\n")
+    print("| variant | s/window | inner steps/s | inner step vs teacher SGD step |")
+    print("|---|---|---|---|")
+    rows, teacher = {}, None
+    variants = (
+        ("meta-update every inner step (Alg. 1), episodes mapped", dict(update_every_step=True)),
+        ("one meta-update per window, episodes mapped", dict(update_every_step=False)),
+        ("one meta-update per window, episodes vmapped", dict(update_every_step=False,
+                                                               episode_chunk=e)),
+    )  # fmt: skip
+    for name, over in variants:
+        _, _, trainer = _meta_setup("cpu", dict(num_episodes_parallel=e, **over), (28, 28, 1))
+        if teacher is None:
+            teacher = _teacher_step_seconds(trainer, repeats)
+        rows[name] = _window_seconds(trainer, s, reps)
+    for name, sec in rows.items():
+        per_step = sec / (e * s)
+        print(f"| {name} | {sec:.2f} | {1 / per_step:.1f} | {per_step / teacher:.1f}x |")
+    print(f"| teacher SGD step (batch 64 A + 64 B), for reference | | {1 / teacher:.1f} | 1x |")
+    mapped = rows["one meta-update per window, episodes mapped"]
+    vmapped = rows["one meta-update per window, episodes vmapped"]
+    print(f"\nEpisodes vmapped / mapped (time): {vmapped / mapped:.2f}x")
+
+    print("\n## Compiled peak memory of one window (exp1:smoke net; XLA temp + arguments)\n")
+    print("| T-BPTT steps | episode length | episodes | temp MiB | argument MiB |")
+    print("|---|---|---|---|---|")
+    for steps, length, eps in ((2, 500, 2), (5, 500, 2), (9, 500, 2), (17, 500, 2),
+                               (5, 100, 2), (5, 2000, 2), (5, 500, 4), (5, 500, 8)):  # fmt: skip
+        over = dict(num_episodes_parallel=eps, inner_steps=length, update_every_step=True)
+        _, _, trainer = _meta_setup("smoke", over, (16, 16, 1))
+        state = trainer.init()
+        idx_a, idx_b = trainer.batches(0, steps)
+        lowered = trainer._window_fn(steps).lower(state, trainer.inputs, idx_a, idx_b,
+                                                   jnp.float32(1e9))  # fmt: skip
+        mem = lowered.compile().memory_analysis()
+        mib = lambda b: b / 2**20  # noqa: E731
+        print(f"| {steps} | {length} | {eps} | {mib(mem.temp_size_in_bytes):.2f} | "
+              f"{mib(mem.argument_size_in_bytes):.2f} |")  # fmt: skip
+
+
 def main(argv):
     del argv
     print(f"# l2r benchmarks — {time.strftime('%Y-%m-%d')} — {machine()}")
@@ -174,6 +279,8 @@ def main(argv):
         bench_sgd(FLAGS.repeats)
     if "probe" in FLAGS.only:
         bench_probe(FLAGS.repeats)
+    if "meta" in FLAGS.only:
+        bench_meta(FLAGS.repeats)
 
 
 if __name__ == "__main__":

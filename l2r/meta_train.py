@@ -150,6 +150,7 @@ class MetaTrainer:
         )
         self.ml = build_metalearner(model, shape, ml_cfg)
         self.opt = make_optimizer(self.cfg)
+        self.chunk = self.cfg.get("episode_chunk", 0) or None  # None: the backend's default
         self.teacher = make_teacher(model, self.lr)
         self._windows = {}
 
@@ -238,8 +239,9 @@ class MetaTrainer:
                 return self._student_loss(inp, theta_e, st, mem, ia, ib, cl, h, k, num_steps)
 
             return training.map_seeds(
-                fn, eps.student, eps.lstm, idx_a, idx_b, eps.classes, h_teacher, alive
-            )
+                fn, eps.student, eps.lstm, idx_a, idx_b, eps.classes, h_teacher, alive,
+                chunk=self.chunk,
+            )  # fmt: skip
 
         def meta_update(theta, opt_state, grads, ok):
             updates, new_opt = opt.update(grads, opt_state, theta)
@@ -251,7 +253,7 @@ class MetaTrainer:
             eps = state.episodes
             teacher_fn = functools.partial(self._teacher_window, inp)
             teachers, h_teacher = training.map_seeds(teacher_fn, eps.teacher, idx_a, idx_b,
-                                                     eps.classes)  # fmt: skip
+                                                     eps.classes, chunk=self.chunk)  # fmt: skip
             e = eps.step.shape[0]
 
             def mean_loss(theta, k, alive):
@@ -307,7 +309,8 @@ class MetaTrainer:
                         return ls, (net, mem)
 
                     ls, aux = training.map_seeds(one, eps.student, eps.lstm, idx_a, idx_b,
-                                                 eps.classes, h_teacher)  # fmt: skip
+                                                 eps.classes, h_teacher,
+                                                 chunk=self.chunk)  # fmt: skip
                     return jnp.mean(ls), (ls, aux)
 
                 (m, (ls, (students, lstms))), g = jax.value_and_grad(window_loss, has_aux=True)(
