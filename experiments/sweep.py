@@ -31,7 +31,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from experiments import run as run_lib  # Shares --config, --workdir, --overwrite and PIPELINES.
-from l2r import cl_metrics, report
+from l2r import cl_metrics, distributed, report
 from l2r import workdir as workdir_lib
 
 flags.DEFINE_multi_string(
@@ -316,6 +316,8 @@ def markdown(rows: list[dict], keys: list[str], note: str = "") -> str:
 
 
 def _write_tables(workdir: str, config, keys: list[str], rows: list[dict], total: int):
+    if not distributed.is_main():  # Process 0 writes the tables of a multi-process sweep.
+        return
     done = len({r["run"] for r in rows})
     note = (
         f"# Sweep of {', '.join(keys)}\n\nExperiment `{config.experiment}`, preset "
@@ -374,6 +376,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(run_lib.quiet_libraries)
+    run_lib.start_runtime()
     from l2r.data.sources import DataError
     from l2r.experiment import ConfigError
 

@@ -24,6 +24,11 @@ contributing for the rest of the window and restarts from w0 at the window's end
 steps later than the paper's immediate restart), as does one that reached `meta.inner_steps`.
 A non-finite loss or meta-gradient never reaches θ: the Adam step is skipped, counted, and the
 offending episodes restart.
+
+Subclasses change the episodes' tasks through a few small methods: `_gather_a`, `_gather_b`,
+`_teacher_step`, `_student_step` (per-episode data and updates, given the episode's `classes`,
+which may be any pytree with a leading episode axis) and `_window_end` (what happens to an
+episode at a window's end); `l2r.sequential` uses them for Exp 5's three tasks.
 """
 
 import functools
@@ -52,7 +57,9 @@ class Episodes(NamedTuple):
     lstm: metalearner.State
     step: jax.Array  # int32 [E]: inner steps taken since the episode (re)started
     id: jax.Array  # int32 [E]: global episode number (its w0 checkpoint and Task-B head)
-    classes: jax.Array  # int32 [E, n_way]: the episode's Task-B classes (data_b labels)
+    # int32 [E, n_way]: the episode's Task-B classes (data_b labels); a subclass may keep any
+    # pytree with a leading axis E here (Exp 5: both later tasks and the current phase).
+    classes: jax.Array
 
 
 class Inputs(NamedTuple):
@@ -111,6 +118,12 @@ def rep_loss(h_teacher, h_student, cfg) -> jax.Array:
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), optax.adam(cfg.learning_rate))
+
+
+def where_episodes(mask_E, new, old):
+    """Per episode, the leaves of `new` where `mask_E` [E] is true, else those of `old`."""
+    pick = lambda n, o: jnp.where(mask_E.reshape(mask_E.shape + (1,) * (o.ndim - 1)), n, o)  # noqa: E731
+    return jax.tree.map(pick, new, old)
 
 
 class MetaTrainer:
@@ -176,6 +189,39 @@ class MetaTrainer:
         x, y = training.gather(inp.data_b, idx)
         return x, jnp.argmax(y[:, None] == classes[None, :], axis=1).astype(jnp.int32)
 
+    def _gather_a(self, inp: Inputs, idx, classes):
+        """The teacher's Task-A batch (subclasses: the union of the earlier tasks)."""
+        del classes
+        return training.gather(inp.data_a, idx)
+
+    def _teacher_step(self, network, x_a, y_a, x_b, y_b, classes):
+        """One teacher SGD step on A∪B."""
+        del classes
+        return self.teacher.step(network, Batch(x_b, y_b, x_a, y_a), None)[0]
+
+    def _student_step(self, theta, network, lstm, x_b, y_b, classes):
+        """One student step on a B batch through the meta-learner: (network, lstm)."""
+        del classes
+        return student_step(self.model, self.ml, theta, self.lr, network, lstm, x_b, y_b)[:2]
+
+    def _window_end(self, inp: Inputs, state, carried: Episodes, alive, diverged):
+        """What becomes of each episode at a window's end (no gradient flows here).
+
+        Args:
+          carried: the episodes after the window (`step` already advanced).
+          alive: bool [E], the loss stayed finite and within the threshold all window.
+          diverged: bool [E], a loss of the window was not finite.
+
+        Returns:
+          (episodes, done [E]: finished, counted by the curriculum, replaced by fresh ones,
+           restarted [E]: ended early by the threshold or divergence).
+        """
+        del diverged  # Two tasks: a diverged episode restarts like any other that is not alive.
+        done = (~alive) | (carried.step >= self.cfg.inner_steps)
+        new_ids = state.episodes_started + jnp.cumsum(done.astype(jnp.int32)) - 1
+        ids = jnp.where(done, new_ids, carried.id)
+        return where_episodes(done, self._fresh(inp, ids), carried), done, ~alive
+
     def init(self) -> MetaState:
         e = self.cfg.num_episodes_parallel
         theta = self.ml.init(rng.key_for(self.seed, "theta"))
@@ -192,9 +238,9 @@ class MetaTrainer:
         """The teacher's s SGD steps on A∪B and its representations after each: [s, Ba+Bb, D]."""
 
         def body(network, idx):
-            x_a, y_a = training.gather(inp.data_a, idx[0])
+            x_a, y_a = self._gather_a(inp, idx[0], classes)
             x_b, y_b = self._gather_b(inp, idx[1], classes)
-            network, _ = self.teacher.step(network, Batch(x_b, y_b, x_a, y_a), None)
+            network = self._teacher_step(network, x_a, y_a, x_b, y_b, classes)
             x_ab = jnp.concatenate([x_a, x_b])
             return network, self.model.apply(network["backbone"], x_ab).representation
 
@@ -210,16 +256,15 @@ class MetaTrainer:
 
             def advance(c):
                 x_b, y_b = self._gather_b(inp, ib, classes)
-                net, mem, _, _ = student_step(self.model, self.ml, theta, self.lr, *c, x_b, y_b)
-                return net, mem
+                return self._student_step(theta, *c, x_b, y_b, classes)
 
             return jax.lax.cond(j < k, advance, lambda c: c, carry), None
 
         body = jax.checkpoint(body)
         steps = jnp.arange(num_steps)
         (net, mem), _ = jax.lax.scan(body, (student, lstm), (steps, idx_b))
-        x_a, _ = training.gather(inp.data_a, idx_a[k - 1])
-        x_b, _ = training.gather(inp.data_b, idx_b[k - 1])
+        x_a, _ = self._gather_a(inp, idx_a[k - 1], classes)
+        x_b, _ = self._gather_b(inp, idx_b[k - 1], classes)
         h_student = self.model.apply(net["backbone"], jnp.concatenate([x_a, x_b])).representation
         return rep_loss(h_teacher[k - 1], h_student, self.cfg), (net, mem)
 
@@ -251,6 +296,7 @@ class MetaTrainer:
 
         def window(state: MetaState, inp: Inputs, idx_a, idx_b, threshold):
             eps = state.episodes
+            threshold = jnp.broadcast_to(threshold, eps.step.shape)  # a scalar or one per episode
             teacher_fn = functools.partial(self._teacher_window, inp)
             teachers, h_teacher = training.map_seeds(teacher_fn, eps.teacher, idx_a, idx_b,
                                                      eps.classes, chunk=self.chunk)  # fmt: skip
@@ -294,10 +340,8 @@ class MetaTrainer:
                         net, mem = carry
                         ia, ib, h_t = xs
                         x_b, y_b = self._gather_b(inp, ib, classes)
-                        net, mem, _, _ = student_step(
-                            self.model, self.ml, theta, self.lr, net, mem, x_b, y_b
-                        )
-                        x_a, _ = training.gather(inp.data_a, ia)
+                        net, mem = self._student_step(theta, net, mem, x_b, y_b, classes)
+                        x_a, _ = self._gather_a(inp, ia, classes)
                         h_s = self.model.apply(
                             net["backbone"], jnp.concatenate([x_a, x_b])
                         ).representation
@@ -320,28 +364,22 @@ class MetaTrainer:
                 theta, opt_state = meta_update(state.theta, state.opt_state, g, ok)
                 skipped = state.skipped + (~ok).astype(jnp.int32)
                 loss_k = ls.T  # [s, E]
-                alive = jnp.all(jnp.isfinite(ls) & (ls <= threshold), axis=1)
+                alive = jnp.all(jnp.isfinite(ls) & (ls <= threshold[:, None]), axis=1)
 
             # Window end: carry the states on (truncation: nothing here is differentiated),
             # restart episodes that exceeded the threshold or finished.
-            steps = eps.step + num_steps
-            done = (~alive) | (steps >= cfg.inner_steps)
-            new_ids = state.episodes_started + jnp.cumsum(done.astype(jnp.int32)) - 1
-            ids = jnp.where(done, new_ids, eps.id)
-            fresh = self._fresh(inp, ids)
-            carried = Episodes(teachers, students, lstms, steps, eps.id, eps.classes)
-            pick = lambda f, c: jnp.where(  # noqa: E731
-                done.reshape((e,) + (1,) * (c.ndim - 1)), f, c
-            )
-            episodes = jax.tree.map(pick, fresh, carried)
+            carried = Episodes(teachers, students, lstms, eps.step + num_steps, eps.id,
+                               eps.classes)  # fmt: skip
+            diverged = ~jnp.all(jnp.isfinite(loss_k), axis=0)
+            episodes, done, restarted = self._window_end(inp, state, carried, alive, diverged)
             n_done = jnp.sum(done.astype(jnp.int32))
             new_state = MetaState(
                 theta, opt_state, episodes, state.window + 1, state.episodes_started + n_done,
                 state.episodes_done + n_done, skipped,
-                state.restarts + jnp.sum((~alive).astype(jnp.int32)),
+                state.restarts + jnp.sum(restarted.astype(jnp.int32)),
             )  # fmt: skip
             # nanmean: a diverged episode's NaN is left out of the logged loss.
-            metrics = {"loss": jnp.nanmean(loss_k), "restarted": ~alive}
+            metrics = {"loss": jnp.nanmean(loss_k), "restarted": restarted}
             return new_state, metrics
 
         fn = jax.jit(window)
@@ -402,15 +440,17 @@ def meta_train(
       class_table: the episodes' n-way tasks (see `MetaTrainer`); None: all of data_b.
 
     Returns:
-      (trainer, final MetaState, history {name: list} per window).
+      (trainer, final MetaState, history {name: list} per window; besides the fixed entries,
+      one per scalar window metric the trainer names in `history_metrics`).
     """
     cfg = config.meta
     trainer = trainer or MetaTrainer(config, model, pretrained, data_a, data_b, class_table)
+    extra = tuple(getattr(trainer, "history_metrics", ()))
     state = trainer.init()
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as manager:
         history = {k: [] for k in ("window", "episodes_done", "threshold", "tbptt", "loss",
-                                   "restarts", "skipped", "seconds")}  # fmt: skip
+                                   "restarts", "skipped", "seconds", *extra)}  # fmt: skip
         latest = manager.latest_step()
         if latest is not None:
             restored = manager.restore(
@@ -441,7 +481,8 @@ def meta_train(
             for k, v in (("window", int(state.window)), ("episodes_done", int(state.episodes_done)),
                          ("threshold", threshold), ("tbptt", s), ("loss", loss),
                          ("restarts", int(state.restarts)), ("skipped", int(state.skipped)),
-                         ("seconds", time.monotonic() - t0)):  # fmt: skip
+                         ("seconds", time.monotonic() - t0),
+                         *((name, float(metrics[name])) for name in extra)):  # fmt: skip
                 history[k].append(v)
             progress.update(int(state.episodes_done), window=int(state.window), loss=loss,
                             threshold=threshold, tbptt=s, restarts=int(state.restarts),

@@ -58,6 +58,23 @@ def plan_tasks(config, task_a: tasks.Task, task_b: tasks.Task) -> MetaPlan:
         db1, db2 = tasks.halves(task_b, rng.seed_for(config.seed, "halves"))
         return MetaPlan(db1, None, [db2])
     p = config.pools
+    train_pool, test_pool = load_pools(config, task_a)
+    num_tasks = p.meta_train_tasks or config.meta.episodes
+    seed_train = rng.seed_for(config.seed, "meta_train_tasks")
+    seed_test = rng.seed_for(config.seed, "meta_test_tasks")
+    table = tasks.sample_nway_classes(
+        train_pool, range(train_pool.num_classes), p.n_way, num_tasks, seed_train
+    )
+    test = tasks.sample_nway_tasks(
+        test_pool, range(test_pool.num_classes), p.n_way, p.meta_test_tasks, seed_test
+    )
+    return MetaPlan(train_pool, table, test)
+
+
+def load_pools(config, task_a: tasks.Task) -> tuple[tasks.Task, tasks.Task]:
+    """The meta-training and meta-test pools of `config.pools`, checked disjoint from each other
+    (when drawn from one dataset) and from Task A, with Task A's image shape."""
+    p = config.pools
     train_pool = _load_pool(config, p.meta_train)
     test_pool = _load_pool(config, p.meta_test)
     same = lambda a, b: (a.source or config.data.source) == (b.source or config.data.source)  # noqa: E731
@@ -73,16 +90,7 @@ def plan_tasks(config, task_a: tasks.Task, task_b: tasks.Task) -> MetaPlan:
                 f"pools.{name} images are {shape_p} but Task A's are {shape_a}; set "
                 f"pools.{name}.image_size (and matching channels) so the network sees one shape."
             )
-    num_tasks = p.meta_train_tasks or config.meta.episodes
-    seed_train = rng.seed_for(config.seed, "meta_train_tasks")
-    seed_test = rng.seed_for(config.seed, "meta_test_tasks")
-    table = tasks.sample_nway_classes(
-        train_pool, range(train_pool.num_classes), p.n_way, num_tasks, seed_train
-    )
-    test = tasks.sample_nway_tasks(
-        test_pool, range(test_pool.num_classes), p.n_way, p.meta_test_tasks, seed_test
-    )
-    return MetaPlan(train_pool, table, test)
+    return train_pool, test_pool
 
 
 def split_checkpoints(config, pretrained):
@@ -112,7 +120,7 @@ def merge_runs(parts: list[dict]) -> dict:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     experiment.check_common(config)
-    b, m = config.task_b, config.meta
+    b = config.task_b
     names = (*METHOD_NAMES, "learned")
     for name in b.methods:
         require(name == "learned" or is_method_name(name),
@@ -120,6 +128,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     require(b.steps >= 1 and b.probe_every >= 1 and b.steps % b.probe_every == 0,
             f"task_b.steps={b.steps} must be a positive multiple of task_b.probe_every="
             f"{b.probe_every}.")  # fmt: skip
+    check_meta(config)
+    if "pools" in config:
+        p = config.pools
+        require(p.n_way >= 2, f"pools.n_way={p.n_way}; n-way tasks need at least 2 classes.")
+        require(p.meta_test_tasks >= 1, "pools.meta_test_tasks must be >= 1.")
+        for name in ("meta_train", "meta_test"):
+            classes = p[name].classes
+            require(len(classes) >= p.n_way,
+                    f"pools.{name}.classes has {len(classes)} classes, fewer than "
+                    f"pools.n_way={p.n_way}.")  # fmt: skip
+
+
+def check_meta(config: ml_collections.ConfigDict) -> None:
+    """Checks the `meta` group (Algorithm 1 and the meta-learner)."""
+    m = config.meta
     require(m.rep_loss in REP_LOSSES, f"meta.rep_loss={m.rep_loss!r}; choose one of {REP_LOSSES}.")
     require(m.gate in metalearner.GATES, f"meta.gate={m.gate!r}; choose one of "
             f"{metalearner.GATES}.")  # fmt: skip
@@ -134,15 +157,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"meta.train_checkpoints={m.train_checkpoints} must be 0 or leave at least one of the "
         f"pretrain.num_checkpoints={n_ckpt} networks for the meta-test (Exp 3).",
     )
-    if "pools" in config:
-        p = config.pools
-        require(p.n_way >= 2, f"pools.n_way={p.n_way}; n-way tasks need at least 2 classes.")
-        require(p.meta_test_tasks >= 1, "pools.meta_test_tasks must be >= 1.")
-        for name in ("meta_train", "meta_test"):
-            classes = p[name].classes
-            require(len(classes) >= p.n_way,
-                    f"pools.{name}.classes has {len(classes)} classes, fewer than "
-                    f"pools.n_way={p.n_way}.")  # fmt: skip
 
 
 def delta_histograms(model, trainer, theta, network, data_b, idx_b, num_steps):

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from l2r import cl_metrics
+from l2r import cl_metrics, distributed
 
 # Metrics with these prefixes are accuracies in [0, 1], displayed in percent.
 _PERCENT_PREFIXES = ("readout_", "original_")
@@ -41,8 +41,14 @@ def to_jsonable(obj):
 
 
 def _atomic_write(path, data: bytes) -> str:
-    """Writes `data` to `path` through a temp file in the same dir: never leaves half a file."""
+    """Writes `data` to `path` through a temp file in the same dir: never leaves half a file.
+
+    Every artefact goes through here; only process 0 of a multi-process run writes (the others
+    return the path without writing), so N processes never race on one file.
+    """
     path = os.fspath(path)
+    if not distributed.is_main():
+        return path
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -237,22 +243,31 @@ def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
 
 
 class ScalarWriter:
-    """Writes TensorBoard scalars with tensorboardX; usable as a context manager."""
+    """Writes TensorBoard scalars with tensorboardX; usable as a context manager.
+
+    Outside process 0 of a multi-process run it writes nothing (and creates no event file).
+    """
 
     def __init__(self, logdir):
-        from tensorboardX import SummaryWriter  # Lazy: only runs that log pay the import.
+        self._writer = None
+        if distributed.is_main():
+            from tensorboardX import SummaryWriter  # Lazy: only runs that log pay the import.
 
-        self._writer = SummaryWriter(logdir=os.fspath(logdir))
+            self._writer = SummaryWriter(logdir=os.fspath(logdir))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._writer is None:
+            return
         for tag, value in scalars.items():
             self._writer.add_scalar(tag, float(value), global_step=int(step))
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def __enter__(self):
         return self

@@ -5,12 +5,18 @@ stage outputs (pre-trained checkpoints). Two guards protect it:
   * an exclusive, non-blocking `flock` on `<workdir>/.lock`, held for the whole run: the kernel
     drops it when the process dies, so a crashed run never leaves a stale lock behind;
   * a run refuses a workdir whose `results.json` already exists unless `overwrite=True`.
+
+In a multi-process run (`l2r.distributed`) every process shares the one workdir: process 0 alone
+takes the lock and writes the files (here and in `l2r.report`); Orbax checkpoints are collective
+and are written by all processes.
 """
 
 import contextlib
 import fcntl
 import json
 import os
+
+from l2r import distributed
 
 RESULTS_FILE = "results.json"
 
@@ -31,9 +37,16 @@ def check_writable(workdir: str, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def locked(workdir: str, overwrite: bool = False):
-    """Creates `workdir` if needed, checks it, and holds its lock for the `with` body."""
+    """Creates `workdir` if needed, checks it, and holds its lock for the `with` body.
+
+    Processes other than 0 of a multi-process run only check: the lock is process 0's, and it
+    stands for the whole run.
+    """
     check_writable(workdir, overwrite)
     os.makedirs(workdir, exist_ok=True)
+    if not distributed.is_main():
+        yield workdir
+        return
     fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -55,7 +68,12 @@ def locked(workdir: str, overwrite: bool = False):
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON to `path` via a temporary file and a rename, so readers never see half."""
+    """Writes JSON to `path` via a temporary file and a rename, so readers never see half.
+
+    Only process 0 writes (see the module docstring); the others return at once.
+    """
+    if not distributed.is_main():
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)

@@ -1,0 +1,618 @@
+"""Exp 5 (paper §5.6): three tasks in sequence, meta-trained and meta-tested end to end.
+
+Task 1 is the pre-training task; Tasks 2 and 3 are n-way tasks drawn from a pool of classes
+(meta-training) or from a disjoint pool (meta-test). Networks carry one head per task, with fixed
+meanings: 'head_a' = Task 1, 'head_b' = Task 2, 'head_c' = Task 3.
+
+Meta-training (Algorithm 1 with K = 3; `SequentialTrainer`, a `MetaTrainer` subclass, so the
+windows, T-BPTT, restarts, curriculum and Orbax resume are those of `l2r.meta_train`):
+  phase 0: the student learns Task 2 through the meta-learner; the teacher learns D_A ∪ D_B with
+    D_A = Task 1, D_B = Task 2;
+  phase 1: the student learns Task 3 (its own fresh head) from where phase 0 left it: student
+    weights, LSTM state and teacher are all kept; D_A = Task 1 ∪ Task 2, D_B = Task 3; the loss
+    threshold is the curriculum's plus `meta.switch_threshold_step` (§5.6: +5).
+  An episode switches from phase 0 to phase 1 when its loss exceeds the threshold (§5.6) or after
+  `meta.inner_steps` steps on Task 2, and restarts (new w0, LSTM state, tasks) when phase 1's loss
+  exceeds its threshold, after `meta.inner_steps` steps on Task 3, or when it diverges. As in
+  `l2r.meta_train`, switches and restarts happen at window ends: up to s − 1 steps after the
+  threshold was crossed. Curriculum episodes count whole episodes (both phases).
+  Departures: the paper gives no step limit for the phases (`meta.inner_steps` caps each); the
+  teacher's A batch in phase 1 is half Task 1, half Task 2 (Algorithm 1 says only D_1..k-1).
+
+Meta-test: for each drawn (Task 2, Task 3) pair and seed, every method learns Task 2 for
+`task_b.steps_2` steps, then Task 3 for `task_b.steps_3` steps, probed every `probe_every` steps
+on all three tasks (metrics readout_k, original_k for k = 1, 2, 3 and cka_1). Learners that see
+only the current task (SGD, the learned rule, whose LSTM state carries across the switch) train
+'head_c' in phase 1 through a view with 'head_b' and 'head_c' exchanged; the teacher rehearses
+every earlier task with its own head. Baselines with per-task state are not run here.
+"""
+
+import functools
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from matplotlib.figure import Figure
+
+from l2r import (
+    cl_metrics,
+    experiment,
+    forgetting,
+    meta_train,
+    models,
+    pretrain,
+    probe,
+    remember,
+    report,
+    rng,
+    run_b,
+    training,
+)
+from l2r import workdir as workdir_lib
+from l2r.data import stream, tasks
+from l2r.experiment import ConfigError, require
+from l2r.methods import Method, is_method_name, make_method
+from l2r.methods.learned import make_learned
+
+HEADS = ("head_a", "head_b", "head_c")  # the heads of Tasks 1, 2, 3
+READOUT = ("readout_1", "readout_2", "readout_3")  # per-task probe metrics, in task order
+SUPPORTED = "sgd, sgd_x<factor>, teacher and learned"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces shared by meta-training and meta-test.
+
+
+def swap_heads(tree):
+    """`tree` with 'head_b' and 'head_c' exchanged in every network (dict holding both) in it:
+    the view in which a Task-B learner trains Task 3's head."""
+    is_net = lambda x: isinstance(x, dict) and "head_b" in x and "head_c" in x  # noqa: E731
+    swap = lambda x: {**x, "head_b": x["head_c"], "head_c": x["head_b"]} if is_net(x) else x  # noqa: E731
+    return jax.tree.map(swap, tree, is_leaf=is_net)
+
+
+def _where(cond, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def multitask_loss(model, network, x_a, y_a, x_b, y_b, phase, num_classes_1):
+    """The teacher's loss on x_a ∪ x_b, each example through its own task's head (§4).
+
+    Args:
+      x_a, y_a: [Ba, ...], [Ba] the earlier tasks: labels 0..n1-1 are Task 1's, labels from
+        n1 = `num_classes_1` on are Task 2's (offset by n1, as `tasks.union`).
+      x_b, y_b: [Bb, ...], [Bb] the task being learned: Task 2 (phase 0) or Task 3 (phase 1).
+      phase: int 0 or 1 (may be traced).
+
+    Returns:
+      (mean cross-entropy over the union, mean cross-entropy on B).
+    """
+    rep = model.apply(network["backbone"], jnp.concatenate([x_a, x_b])).representation
+    from_2 = y_a >= num_classes_1
+    task = jnp.concatenate([from_2.astype(jnp.int32), jnp.full(y_b.shape, 1 + phase, jnp.int32)])
+    label = jnp.concatenate([jnp.where(from_2, y_a - num_classes_1, y_a), y_b])
+    ce = jnp.stack([
+        optax.softmax_cross_entropy_with_integer_labels(
+            models.apply_head(network[h], rep),
+            jnp.minimum(label, network[h]["bias"].shape[-1] - 1),  # other tasks' rows: masked
+        )
+        for h in HEADS
+    ])  # fmt: skip
+    ce = jnp.take_along_axis(ce, task[None], axis=0)[0]  # [Ba + Bb]
+    return jnp.mean(ce), jnp.mean(ce[y_a.shape[0] :])
+
+
+def teacher_step(model, learning_rate, num_classes_1, network, x_a, y_a, x_b, y_b, phase):
+    """One multi-task SGD step of the teacher: (network, {'loss' on B, 'loss_union'})."""
+    (loss, loss_b), grads = jax.value_and_grad(
+        lambda net: multitask_loss(model, net, x_a, y_a, x_b, y_b, phase, num_classes_1),
+        has_aux=True,
+    )(network)
+    network = jax.tree.map(lambda p, g: p - learning_rate * g, network, grads)
+    return network, {"loss": loss_b, "loss_union": loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta-training.
+
+
+class SequentialTask(NamedTuple):
+    """An episode's tasks (kept in `Episodes.classes`)."""
+
+    classes: jax.Array  # int32 [2, n_way]: pool labels of Task 2 (row 0) and Task 3 (row 1)
+    phase: jax.Array  # int32 []: 0 while learning Task 2, 1 while learning Task 3
+
+
+class SequentialTrainer(meta_train.MetaTrainer):
+    """Algorithm 1 with three tasks (see the module docstring)."""
+
+    history_metrics = ("switches",)  # episodes that moved on to Task 3, per window
+
+    def __init__(self, config, model, pretrained, data_1, pool, pair_table):
+        """Args:
+        data_1: Task 1 (labels 0..n1-1); pool: the meta-training classes, labels 0..P-1.
+        pair_table: int [T, 2, n_way]; episode i learns Task 2 = pair_table[i % T, 0], then
+          Task 3 = pair_table[i % T, 1], each relabelled 0..n_way-1 in row order.
+        """
+        pair_table = np.asarray(pair_table, np.int32)
+        if pair_table.ndim != 3 or pair_table.shape[1] != 2:
+            raise ValueError(f"pair_table must be [T, 2, n_way], got {pair_table.shape}.")
+        super().__init__(config, model, pretrained, data_1, pool, pair_table[:, 0])
+        self.inputs = self.inputs._replace(class_table=jnp.asarray(pair_table))
+        self._whole_task = False
+        self.num_classes_1 = int(np.max(np.asarray(data_1.train_labels))) + 1
+        self.switch_step = float(config.meta.switch_threshold_step)
+
+    def _network0(self, pretrained, episode_id):
+        net = super()._network0(pretrained, episode_id)
+        key = jax.random.fold_in(rng.key_for(self.seed, "meta_head_c"), episode_id)
+        head_c = models.init_head(key, self.model.representation_dim, self.num_classes_b)
+        return {**net, "head_c": head_c}
+
+    def _fresh(self, inp, ids):
+        eps = super()._fresh(inp, ids)  # classes: [E, 2, n_way] rows of the pair table
+        return eps._replace(classes=SequentialTask(eps.classes, jnp.zeros_like(ids)))
+
+    def _gather_b(self, inp, idx, task: SequentialTask):
+        classes = jnp.where(task.phase == 1, task.classes[1], task.classes[0])
+        return meta_train.MetaTrainer._gather_b(inp, idx, classes)
+
+    def _gather_a(self, inp, idx, task: SequentialTask):
+        """Indices below |Task 1| are Task-1 examples; the others (phase 1) index the pool,
+        offset by |Task 1|: Task-2 examples, labelled n1 + their Task-2 label."""
+        n_1 = inp.data_a.train_labels.shape[0]
+        from_2 = idx >= n_1
+        x_1, y_1 = training.gather(inp.data_a, jnp.where(from_2, 0, idx))
+        x_2, y_2 = meta_train.MetaTrainer._gather_b(
+            inp, jnp.where(from_2, idx - n_1, 0), task.classes[0]
+        )
+        x = jnp.where(from_2.reshape((-1,) + (1,) * (x_1.ndim - 1)), x_2, x_1)
+        return x, jnp.where(from_2, self.num_classes_1 + y_2, y_1)
+
+    def _teacher_step(self, network, x_a, y_a, x_b, y_b, task: SequentialTask):
+        return teacher_step(self.model, self.lr, self.num_classes_1, network, x_a, y_a, x_b, y_b,
+                            task.phase)[0]  # fmt: skip
+
+    def _student_step(self, theta, network, lstm, x_b, y_b, task: SequentialTask):
+        on_3 = task.phase == 1  # The student trains the current task's head: 'head_c' on Task 3.
+        view = _where(on_3, swap_heads(network), network)
+        view, lstm = super()._student_step(theta, view, lstm, x_b, y_b, task)
+        return _where(on_3, swap_heads(view), view), lstm
+
+    def _window_end(self, inp, state, carried, alive, diverged):
+        task = carried.classes
+        phase_over = (~alive) | (carried.step >= self.cfg.inner_steps)
+        switch = phase_over & ~diverged & (task.phase == 0)  # on to Task 3, all state kept
+        done = phase_over & ~switch
+        new_ids = state.episodes_started + jnp.cumsum(done.astype(jnp.int32)) - 1
+        ids = jnp.where(done, new_ids, carried.id)
+        switched = carried._replace(
+            step=jnp.where(switch, 0, carried.step),  # steps count per phase
+            classes=task._replace(phase=jnp.where(switch, 1, task.phase)),
+        )
+        episodes = meta_train.where_episodes(done, self._fresh(inp, ids), switched)
+        return episodes, done, done & ~alive
+
+    def batches(self, window: int, num_steps: int, task: SequentialTask):
+        """Host-made indices ([E, s, Ba], [E, s, Bb]) of a window, a function of the window
+        index and the episodes' tasks and phases. B: the current task's examples; A: Task 1,
+        and in phase 1 the last Ba // 2 of each batch from Task 2 (see `_gather_a`)."""
+        gen = rng.numpy_rng(self.seed, "meta_batches", window)
+        e, n_1 = self.cfg.num_episodes_parallel, self.inputs.data_a.train_labels.shape[0]
+        idx_a = gen.integers(0, n_1, (e, num_steps, self.batch_a), dtype=np.int32)
+        idx_b = np.empty((e, num_steps, self.batch_b), np.int32)
+        half = self.batch_a // 2
+        for i, (rows, phase) in enumerate(zip(task.classes, task.phase, strict=True)):
+            pools = [np.concatenate([self._by_class[c] for c in row]) for row in rows]
+            idx_b[i] = pools[phase][gen.integers(0, len(pools[phase]), (num_steps, self.batch_b))]
+            if phase == 1:
+                draw = gen.integers(0, len(pools[0]), (num_steps, half))
+                idx_a[i, :, self.batch_a - half :] = n_1 + pools[0][draw]
+        return idx_a, idx_b
+
+    def run_window(self, state):
+        threshold, s = meta_train.curriculum(self.cfg, int(state.episodes_done))
+        task = jax.device_get(state.episodes.classes)
+        thresholds = np.float32(threshold) + np.float32(self.switch_step) * task.phase
+        idx_a, idx_b = self.batches(int(state.window), s, task)
+        phase = state.episodes.classes.phase
+        state, metrics = self._window_fn(s)(
+            state, self.inputs, idx_a, idx_b, jnp.asarray(thresholds, jnp.float32)
+        )
+        switched = (phase == 0) & (state.episodes.classes.phase == 1)
+        metrics = {**metrics, "switched": switched, "switches": jnp.sum(switched)}
+        return state, metrics, threshold, s
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta-test: methods, streams, probe and the two-phase run.
+
+
+def make_teacher(model, learning_rate, num_classes_1, phase: int, name="teacher") -> Method:
+    """The oracle on Task 2 (phase 0: A = Task 1) or Task 3 (phase 1: A = Task 1 ∪ Task 2)."""
+    step = lambda net, batch, key: teacher_step(  # noqa: E731
+        model, learning_rate, num_classes_1, net, batch.x_a, batch.y_a, batch.x_b, batch.y_b, phase
+    )
+    return Method(name, lambda net, data_a, key: net, step, lambda s: s, uses_task_a=True)
+
+
+def on_task_3(method: Method) -> Method:
+    """A Task-B learner that trains 'head_c' (Task 3) instead of 'head_b' (Task 2)."""
+
+    def step(state, batch, key):
+        state, metrics = method.step(swap_heads(state), batch, key)
+        return swap_heads(state), metrics
+
+    return method._replace(step=step)
+
+
+def make_methods(config, model, trainer, theta, num_classes_1) -> list[tuple[Method, Method]]:
+    """(Task-2 method, Task-3 method) of every name in `task_b.methods`."""
+    out = []
+    for name in config.task_b.methods:
+        if name == "teacher":
+            lr = config.task_b.learning_rate
+            out.append(tuple(make_teacher(model, lr, num_classes_1, p) for p in (0, 1)))
+            continue
+        if name == "learned":
+            method = make_learned(model, trainer.ml, theta, trainer.lr)
+        else:
+            method = make_method(name, model, config.task_b)
+        out.append((method, on_task_3(method)))
+    return out
+
+
+def make_streams(config, n_b: int, a_sizes, num_steps: int, task: int) -> run_b.Streams:
+    """Batch indices of every seed for learning Task `task` (2 or 3): B from its n_b examples;
+    A (the teacher's) balanced over the earlier tasks of sizes `a_sizes`, indexing their union."""
+    cfg, s = config.task_b, config.num_seeds
+    seeds_b = [rng.seed_for(config.seed, f"task_{task}_data", i) for i in range(s)]
+    idx_b = stream.index_streams(n_b, cfg.batch_size, num_steps, seeds_b)
+    parts, offset = [], 0
+    # Earlier tasks share the batch equally, the first ones taking the remainder (as in
+    # `SequentialTrainer.batches`).
+    shares = [len(a) for a in np.array_split(np.arange(cfg.teacher_batch_a), len(a_sizes))]
+    for j, (n, share) in enumerate(zip(a_sizes, shares, strict=True)):
+        seeds = [rng.seed_for(config.seed, f"task_{task}_teacher_data", j, i) for i in range(s)]
+        parts.append(offset + stream.index_streams(n, int(share), num_steps, seeds))
+        offset += n
+    aug_b = aug_a = None
+    if config.data.augment:
+        aug_b = training.augment_streams(cfg.batch_size, num_steps, seeds_b)
+        seeds_a = [rng.seed_for(config.seed, f"task_{task}_teacher_aug", i) for i in range(s)]
+        aug_a = training.augment_streams(cfg.teacher_batch_a, num_steps, seeds_a)
+    return run_b.Streams(idx_b, np.concatenate(parts, axis=-1), aug_b, aug_a)
+
+
+def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_classes):
+    """Jitted probe(networks_S, sets (three DeviceTasks), ref_rep_S or None) -> (metrics
+    {readout_k, original_k: [S]} for k = 1, 2, 3 and cka_1, Task-1 test representations)."""
+
+    @functools.partial(jax.jit, static_argnames="cka_size")
+    def run(networks, sets, ref_rep, cka_size):
+        def features(net, images, data):
+            return training.features(model.apply, net["backbone"], images, data.mean, data.std)
+
+        def one(net):
+            return [
+                (features(net, d.train_images, d), features(net, d.test_images, d)) for d in sets
+            ]
+
+        rep = training.map_seeds(one, networks)  # [(train [S, N, D], test [S, M, D])] per task
+        metrics = {}
+        tasks_ = zip(sets, HEADS, num_classes, rep, strict=True)
+        for k, (data, head, n, (train, test)) in enumerate(tasks_, 1):
+            metrics[f"readout_{k}"] = probe.readout_accuracies(
+                train, data.train_labels, test, data.test_labels, n, readout_cfg
+            )
+            logits = jax.vmap(lambda net, r, h=head: models.apply_head(net[h], r))(networks, test)
+            metrics[f"original_{k}"] = probe.head_accuracy(logits, data.test_labels)
+        cka_rep = rep[0][1][:, :cka_size]
+        ref = cka_rep if ref_rep is None else ref_rep
+        metrics["cka_1"] = jax.vmap(probe.linear_cka)(cka_rep, ref)
+        return metrics, cka_rep
+
+    def probe_fn(networks, sets, cka_size, ref_rep=None):
+        return run(networks, tuple(sets), ref_rep, cka_size=cka_size)
+
+    return probe_fn
+
+
+class Phase(NamedTuple):
+    """One task of the meta-test sequence as a method sees it."""
+
+    method: Method
+    data_a: training.DeviceTask  # the earlier tasks (the teacher's A), labels as `multitask_loss`
+    data_b: training.DeviceTask  # the task being learned
+    streams: run_b.Streams
+
+
+def run_phases(name, phases, networks0, data_1, config, measure, initial):
+    """One method over every seed through `phases` (state carried across), probed every
+    `task_b.probe_every` steps.
+
+    Args:
+      measure: (networks_S, ref_rep_S) -> (metrics, rep): the probe on this task sequence.
+      initial: `measure` of `networks0`, shared by the methods (all start from them).
+
+    Returns:
+      ({metric: [S, P]}, seconds training, seconds probing).
+    """
+    cfg, s = config.task_b, config.num_seeds
+    keys = jnp.stack([rng.key_for(config.seed, f"task_b_{name}", i) for i in range(s)])
+    init = phases[0].method.init
+    states = jax.jit(lambda nets, keys, data: training.map_seeds(
+        lambda n, k: init(n, data, k), nets, keys))(networks0, keys, data_1)  # fmt: skip
+    metrics0, ref_rep = initial
+    history = {k: [np.asarray(v)] for k, v in metrics0.items()}
+    history["loss"] = [np.full(s, np.nan)]
+    train_s = probe_s = 0.0
+    offset = 0
+    for phase in phases:
+        advance, st = run_b.make_advance(phase.method), phase.streams
+        uses_a = phase.method.uses_task_a
+        for start in range(0, st.idx_b.shape[1], cfg.probe_every):
+            stop = start + cfg.probe_every
+            steps = jnp.arange(offset + start, offset + stop)
+            step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(keys, steps)
+            t0 = time.time()
+            states, step_metrics = advance(
+                states, phase.data_a, phase.data_b, step_keys, st.idx_b[:, start:stop],
+                st.idx_a[:, start:stop] if uses_a else None,
+                training.slice_steps(st.aug_b, start, stop),
+                training.slice_steps(st.aug_a, start, stop) if uses_a else None,
+            )  # fmt: skip
+            jax.block_until_ready(states)
+            t1 = time.time()
+            networks = jax.vmap(phase.method.network)(states)
+            metrics = jax.device_get(measure(networks, ref_rep)[0])
+            probe_s += time.time() - t1
+            train_s += t1 - t0
+            for k in metrics:
+                history[k].append(np.asarray(metrics[k]))
+            history["loss"].append(np.asarray(step_metrics["loss"]))
+        offset += st.idx_b.shape[1]
+    return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s
+
+
+def initial_networks(config, pretrained, n_way: int, rep_dim: int):
+    """Per seed: the checkpoint and fresh Task-2 heads of `forgetting.initial_networks`, and a
+    fresh Task-3 head (the same for every method)."""
+    nets = forgetting.initial_networks(config, pretrained, n_way, rep_dim)
+    heads = [models.init_head(rng.key_for(config.seed, "head_c", s), rep_dim, n_way)
+             for s in range(config.num_seeds)]  # fmt: skip
+    return {**nets, "head_c": jax.tree.map(lambda *h: np.stack(h), *heads)}
+
+
+def compare_methods(config, model, pretrained, task_1, task_2, task_3, mean, std, methods):
+    """Every (Task-2, Task-3) method pair of `methods` on one task sequence, over `num_seeds`
+    seeds, with the same networks, heads and batches. Returns the dict of
+    `forgetting.compare_methods` (steps 0..steps_2 + steps_3)."""
+    b = config.task_b
+    dev = lambda t: training.to_device(t, mean, std)  # noqa: E731
+    data_1, data_2, data_3 = dev(task_1), dev(task_2), dev(task_3)
+    data_12 = dev(tasks.union(task_1, task_2))
+    n_1, n_2, n_3 = (len(t.train.labels) for t in (task_1, task_2, task_3))
+    streams_2 = make_streams(config, n_2, (n_1,), b.steps_2, task=2)
+    streams_3 = make_streams(config, n_3, (n_1, n_2), b.steps_3, task=3)
+    networks0 = initial_networks(config, pretrained, task_2.num_classes, model.representation_dim)
+    sets = [forgetting.probe_task(t, mean, std, config.readout, f"probe_{k}", config.seed)
+            for k, t in enumerate((task_1, task_2, task_3), 1)]  # fmt: skip
+    cka_size = min(config.readout.cka_size or len(task_1.test.labels), len(task_1.test.labels))
+    num_classes = (task_1.num_classes, task_2.num_classes, task_3.num_classes)
+    probe_fn = make_probe(model, experiment.readout_config(config), num_classes)
+    measure = lambda nets, ref=None: probe_fn(nets, sets, cka_size, ref)  # noqa: E731
+    t0 = time.time()
+    initial = measure(networks0)
+    probe_s = time.time() - t0
+    histories, train_times = {}, {}
+    for m2, m3 in methods:
+        phases = (Phase(m2, data_1, data_2, streams_2), Phase(m3, data_12, data_3, streams_3))
+        hist, train_s, method_probe_s = run_phases(m2.name, phases, networks0, data_1, config,
+                                                   measure, initial)  # fmt: skip
+        histories[m2.name], train_times[m2.name] = hist, train_s
+        probe_s += method_probe_s
+        end = " / ".join(f"{100 * hist[k][:, -1].mean():.1f}%" for k in READOUT)
+        logging.info("%s: readout on Tasks 1 / 2 / 3 at the end: %s", m2.name, end)
+    return {
+        "steps": list(range(0, b.steps_2 + b.steps_3 + 1, b.probe_every)),
+        "seeds": list(range(config.num_seeds)),
+        "methods": histories,
+        "timing": {"task_b_s": train_times, "probe_s": probe_s},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline: config checks, tasks, report.
+
+
+class Plan(NamedTuple):
+    task_1: tasks.Task
+    meta_train: tasks.Task  # the pool of meta-training classes, labels 0..P-1
+    pair_table: np.ndarray  # int32 [T, 2, n_way]: episode tasks (pool labels)
+    meta_test: list  # [(Task 2, Task 3)] from the meta-test pool
+
+
+def sample_task_pairs(num_classes: int, n_way: int, num: int, seed: int, disjoint: bool):
+    """`num` (Task 2, Task 3) pairs of n-way tasks from classes 0..num_classes-1: int32
+    [num, 2, n_way]. Disjoint: 2·n_way distinct classes; otherwise two different class sets.
+    Deterministic in `seed`."""
+    gen, rows = np.random.default_rng(seed), []
+    for _ in range(num):
+        if disjoint:
+            rows.append(gen.choice(num_classes, 2 * n_way, replace=False).reshape(2, n_way))
+            continue
+        while True:
+            pair = np.stack([gen.choice(num_classes, n_way, replace=False) for _ in range(2)])
+            if set(pair[0]) != set(pair[1]):
+                break
+        rows.append(pair)
+    return np.asarray(rows, np.int32).reshape(num, 2, n_way)
+
+
+def plan_tasks(config) -> Plan:
+    """Task 1, the pools (checked disjoint), the episodes' task pairs and the meta-test pairs."""
+    dataset = experiment.load_dataset(config.data)
+    task_1 = tasks.make_task(dataset, config.data.classes_a, "1")
+    train_pool, test_pool = remember.load_pools(config, task_1)
+    p = config.pools
+    num = p.meta_train_tasks or config.meta.episodes
+    seed_train = rng.seed_for(config.seed, "meta_train_pairs")
+    seed_test = rng.seed_for(config.seed, "meta_test_pairs")
+    table = sample_task_pairs(train_pool.num_classes, p.n_way, num, seed_train, p.disjoint_tasks)
+    test = sample_task_pairs(test_pool.num_classes, p.n_way, p.meta_test_tasks, seed_test,
+                             p.disjoint_tasks)  # fmt: skip
+    meta_test = [
+        tuple(tasks.make_task(test_pool, row.tolist(), f"{test_pool.name}/task{k}-{i}")
+              for k, row in zip((2, 3), pair, strict=True))
+        for i, pair in enumerate(test)
+    ]  # fmt: skip
+    return Plan(task_1, train_pool, table, meta_test)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every check that needs no data: run before anything is loaded or trained."""
+    common = config.copy_and_resolve_references()
+    common.data.classes_b = tuple(config.data.classes_a)  # Exp 5's later tasks are `pools`.
+    experiment.check_common(common)
+    remember.check_meta(config)
+    b, p = config.task_b, config.pools
+    for name in b.methods:
+        per_task_state = name in ("lwf", "ewc", "hat", "oml", "rep")
+        require(name == "learned" or (is_method_name(name) and not per_task_state),
+            f"task_b.methods has {name!r}; Exp 5 runs {SUPPORTED} (the baselines with per-task "
+            "state, lwf/ewc/hat/oml/rep, are not implemented for three tasks).")  # fmt: skip
+    for k in ("steps_2", "steps_3"):
+        require(b[k] >= 1 and b.probe_every >= 1 and b[k] % b.probe_every == 0,
+                f"task_b.{k}={b[k]} must be a positive multiple of task_b.probe_every="
+                f"{b.probe_every}.")  # fmt: skip
+    require(b.teacher_batch_a >= 2, "task_b.teacher_batch_a must be >= 2 (Tasks 1 and 2).")
+    require(config.meta.switch_threshold_step >= 0, "meta.switch_threshold_step must be >= 0.")
+    require(p.n_way >= 2, f"pools.n_way={p.n_way}; n-way tasks need at least 2 classes.")
+    require(p.meta_test_tasks >= 1, "pools.meta_test_tasks must be >= 1.")
+    if p.disjoint_tasks:
+        need, how, fix = 2 * p.n_way, "with no class in common", ", or pools.disjoint_tasks=False"
+    else:
+        need, how, fix = p.n_way + 1, "of different classes", ""
+    for name in ("meta_train", "meta_test"):
+        n = len(p[name].classes)
+        require(n >= need, f"pools.{name}.classes has {n} classes; two {p.n_way}-way tasks {how} "
+                f"need {need}: lower pools.n_way or enlarge the pool{fix}.")  # fmt: skip
+
+
+def _check_sizes(config, plan: Plan) -> None:
+    n_1 = len(plan.task_1.train.labels)
+    b = config.task_b
+    experiment.check_batch("pretrain.batch_size", config.pretrain.batch_size, n_1, "Task 1")
+    half = b.teacher_batch_a - b.teacher_batch_a // 2
+    experiment.check_batch("task_b.teacher_batch_a / 2", half, n_1, "Task 1")
+    for task_2, task_3 in plan.meta_test:
+        for name, t in (("Task 2", task_2), ("Task 3", task_3)):
+            experiment.check_batch("task_b.batch_size", b.batch_size, len(t.train.labels), name)
+        experiment.check_batch("task_b.teacher_batch_a / 2", half, len(task_2.train.labels),
+                               "Task 2")  # fmt: skip
+
+
+def write_markdown(results, workdir) -> str:
+    steps, switch, ends = results["steps"], results["switch_step"], results["task_ends"]
+    parts = [
+        f"# l2r results: {results['experiment']} (three tasks)",
+        f"Preset `{results['preset']}`; {len(results['seeds'])} runs (seeds × task pairs); "
+        f"Task 2 for steps 0-{switch}, Task 3 for steps {switch}-{steps[-1]}.",
+        f"## At the switch (step {switch})", report.summary_table(results, step=switch),
+        "## At the end", report.summary_table(results),
+        "## Continual-learning view (readout accuracy; rows: after Task 1, 2, 3)",
+        cl_metrics.markdown_table(results, READOUT, ends),
+        "## Curves", *(report.curves_table(results, m) for m in READOUT),
+    ]  # fmt: skip
+    text = "\n\n".join(parts) + "\n"
+    return report._atomic_write(os.path.join(workdir, "results.md"), text.encode())
+
+
+def plot_tasks(results, workdir, prefix="exp5") -> str:
+    """Fig. 5: readout accuracy on Tasks 1, 2 and 3 against steps, one panel per task."""
+    steps = np.asarray(results["steps"])
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3, sharex=True)
+    for k, (ax, metric) in enumerate(zip(axes, READOUT, strict=True), 1):
+        for i, (name, hist) in enumerate(results["methods"].items()):
+            acc = 100 * np.asarray(hist[metric], np.float64)
+            mean, std = acc.mean(0), acc.std(0, ddof=1 if len(acc) > 1 else 0)
+            ax.plot(steps, mean, color=f"C{i}", label=name)
+            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, lw=0)
+        ax.axvline(results["switch_step"], color="k", lw=0.5, ls=":")
+        ax.set(title=f"Task {k} readout", xlabel="steps (Task 2, then Task 3)")
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="readout accuracy (%)")
+    axes[0].legend(fontsize="small")
+    return report.save_figure(fig, os.path.join(workdir, f"{prefix}_tasks.png"))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs Exp. 5 of `config` and writes its artefacts into `workdir`."""
+    check_config(config)
+    plan = plan_tasks(config)
+    _check_sizes(config, plan)
+    mean, std = tasks.normalization_stats(experiment.load_dataset(config.data).train)
+    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    model = forgetting.make_model(config)
+    t0 = time.time()
+    data_1 = training.to_device(plan.task_1, mean, std)
+    pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_1, workdir)
+    train_nets, test_nets = remember.split_checkpoints(config, pretrained)
+
+    t1 = time.time()
+    pool = training.to_device(plan.meta_train, mean, std)
+    trainer = SequentialTrainer(config, model, train_nets, data_1, pool, plan.pair_table)
+    trainer, state, history = meta_train.meta_train(
+        config, model, train_nets, data_1, pool, os.path.join(workdir, "meta"), trainer=trainer
+    )
+    meta_s = time.time() - t1
+    methods = make_methods(config, model, trainer, state.theta, plan.task_1.num_classes)
+    compared = remember.merge_runs([
+        compare_methods(config, model, test_nets, plan.task_1, t2, t3, mean, std, methods)
+        for t2, t3 in plan.meta_test
+    ])  # fmt: skip
+    results = {
+        "experiment": config.experiment,
+        "preset": config.preset,
+        "config": config.to_dict(),
+        **compared,
+        "switch_step": config.task_b.steps_2,
+        # Probe columns where Tasks 1, 2, 3 end: the rows of the accuracy matrix (cl_metrics).
+        "task_ends": [
+            0,
+            compared["steps"].index(config.task_b.steps_2),
+            len(compared["steps"]) - 1,
+        ],
+        "pretrain_test_accuracy": pre_acc,
+        "meta": {k: list(v) for k, v in history.items()},
+        "meta_test_tasks": [[list(t.class_names) for t in pair] for pair in plan.meta_test],
+    }
+    results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, total_s=time.time() - t0)
+    paths = {"json": report.write_results_json(results, workdir),
+             "markdown": write_markdown(results, workdir),
+             "exp5_tasks": plot_tasks(results, workdir, prefix=config.experiment)}  # fmt: skip
+    report.write_curves_to_tensorboard(results, os.path.join(workdir, "tb"))
+    task_2 = plan.meta_test[0][0]
+    net0 = initial_networks(config, test_nets, task_2.num_classes, model.representation_dim)
+    net0 = jax.tree.map(lambda a: jnp.asarray(a[0]), net0)
+    n_steps = min(config.task_b.steps_2, 100)
+    idx = stream.index_stream(len(task_2.train.labels), config.task_b.batch_size, n_steps,
+                              rng.seed_for(config.seed, "fig7"))  # fmt: skip
+    data_2 = training.to_device(task_2, mean, std)
+    deltas = remember.delta_histograms(model, trainer, state.theta, net0, data_2, idx, n_steps)
+    for path in remember.plot_meta(history, deltas, workdir):
+        paths[os.path.splitext(os.path.basename(path))[0]] = path
+    logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
+    logging.info("Wrote %s", ", ".join(paths.values()))
+    return results
+
+
+__all__ = ["ConfigError", "SequentialTrainer", "check_config", "run"]
