@@ -19,15 +19,14 @@ windows, T-BPTT, restarts, curriculum and Orbax resume are those of `l2r.meta_tr
   Departures: the paper gives no step limit for the phases (`meta.inner_steps` caps each); the
   teacher's A batch in phase 1 is half Task 1, half Task 2 (Algorithm 1 says only D_1..k-1).
 
-Meta-test: for each drawn (Task 2, Task 3) pair and seed, every method learns Task 2 for
-`task_b.steps_2` steps, then Task 3 for `task_b.steps_3` steps, probed every `probe_every` steps
-on all three tasks (metrics readout_k, original_k for k = 1, 2, 3 and cka_1). Learners that see
-only the current task (SGD, the learned rule, whose LSTM state carries across the switch) train
-'head_c' in phase 1 through a view with 'head_b' and 'head_c' exchanged; the teacher rehearses
+Meta-test (`l2r.run_sequence`): for each drawn (Task 2, Task 3) pair and seed, every method
+learns Task 2 for `task_b.steps_2` steps, then Task 3 for `task_b.steps_3` steps, probed every
+`probe_every` steps on all three tasks (metrics readout_k, original_k for k = 1, 2, 3 and cka_1).
+Learners that see only the current task (SGD, the learned rule, whose LSTM state carries across
+the switch) train 'head_c' on Task 3 (`l2r.methods.multitask.on_task_3`); the teacher rehearses
 every earlier task with its own head. Baselines with per-task state are not run here.
 """
 
-import functools
 import os
 import time
 from typing import NamedTuple
@@ -36,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from matplotlib.figure import Figure
 
@@ -47,11 +45,10 @@ from l2r import (
     meta_train,
     models,
     pretrain,
-    probe,
     remember,
     report,
     rng,
-    run_b,
+    run_sequence,
     training,
 )
 from l2r import workdir as workdir_lib
@@ -59,63 +56,14 @@ from l2r.data import stream, tasks
 from l2r.experiment import ConfigError, require
 from l2r.methods import Method, is_method_name, make_method
 from l2r.methods.learned import make_learned
+from l2r.methods.multitask import make_multitask_teacher, on_task_3, swap_heads, teacher_step
+from l2r.run_sequence import READOUT
 
-HEADS = ("head_a", "head_b", "head_c")  # the heads of Tasks 1, 2, 3
-READOUT = ("readout_1", "readout_2", "readout_3")  # per-task probe metrics, in task order
 SUPPORTED = "sgd, sgd_x<factor>, teacher and learned"
-
-
-# ----------------------------------------------------------------------------------------------
-# Pieces shared by meta-training and meta-test.
-
-
-def swap_heads(tree):
-    """`tree` with 'head_b' and 'head_c' exchanged in every network (dict holding both) in it:
-    the view in which a Task-B learner trains Task 3's head."""
-    is_net = lambda x: isinstance(x, dict) and "head_b" in x and "head_c" in x  # noqa: E731
-    swap = lambda x: {**x, "head_b": x["head_c"], "head_c": x["head_b"]} if is_net(x) else x  # noqa: E731
-    return jax.tree.map(swap, tree, is_leaf=is_net)
 
 
 def _where(cond, a, b):
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
-def multitask_loss(model, network, x_a, y_a, x_b, y_b, phase, num_classes_1):
-    """The teacher's loss on x_a ∪ x_b, each example through its own task's head (§4).
-
-    Args:
-      x_a, y_a: [Ba, ...], [Ba] the earlier tasks: labels 0..n1-1 are Task 1's, labels from
-        n1 = `num_classes_1` on are Task 2's (offset by n1, as `tasks.union`).
-      x_b, y_b: [Bb, ...], [Bb] the task being learned: Task 2 (phase 0) or Task 3 (phase 1).
-      phase: int 0 or 1 (may be traced).
-
-    Returns:
-      (mean cross-entropy over the union, mean cross-entropy on B).
-    """
-    rep = model.apply(network["backbone"], jnp.concatenate([x_a, x_b])).representation
-    from_2 = y_a >= num_classes_1
-    task = jnp.concatenate([from_2.astype(jnp.int32), jnp.full(y_b.shape, 1 + phase, jnp.int32)])
-    label = jnp.concatenate([jnp.where(from_2, y_a - num_classes_1, y_a), y_b])
-    ce = jnp.stack([
-        optax.softmax_cross_entropy_with_integer_labels(
-            models.apply_head(network[h], rep),
-            jnp.minimum(label, network[h]["bias"].shape[-1] - 1),  # other tasks' rows: masked
-        )
-        for h in HEADS
-    ])  # fmt: skip
-    ce = jnp.take_along_axis(ce, task[None], axis=0)[0]  # [Ba + Bb]
-    return jnp.mean(ce), jnp.mean(ce[y_a.shape[0] :])
-
-
-def teacher_step(model, learning_rate, num_classes_1, network, x_a, y_a, x_b, y_b, phase):
-    """One multi-task SGD step of the teacher: (network, {'loss' on B, 'loss_union'})."""
-    (loss, loss_b), grads = jax.value_and_grad(
-        lambda net: multitask_loss(model, net, x_a, y_a, x_b, y_b, phase, num_classes_1),
-        has_aux=True,
-    )(network)
-    network = jax.tree.map(lambda p, g: p - learning_rate * g, network, grads)
-    return network, {"loss": loss_b, "loss_union": loss}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,35 +178,13 @@ class SequentialTrainer(meta_train.MetaTrainer):
         return state, metrics, threshold, s
 
 
-# ----------------------------------------------------------------------------------------------
-# Meta-test: methods, streams, probe and the two-phase run.
-
-
-def make_teacher(model, learning_rate, num_classes_1, phase: int, name="teacher") -> Method:
-    """The oracle on Task 2 (phase 0: A = Task 1) or Task 3 (phase 1: A = Task 1 ∪ Task 2)."""
-    step = lambda net, batch, key: teacher_step(  # noqa: E731
-        model, learning_rate, num_classes_1, net, batch.x_a, batch.y_a, batch.x_b, batch.y_b, phase
-    )
-    return Method(name, lambda net, data_a, key: net, step, lambda s: s, uses_task_a=True)
-
-
-def on_task_3(method: Method) -> Method:
-    """A Task-B learner that trains 'head_c' (Task 3) instead of 'head_b' (Task 2)."""
-
-    def step(state, batch, key):
-        state, metrics = method.step(swap_heads(state), batch, key)
-        return swap_heads(state), metrics
-
-    return method._replace(step=step)
-
-
 def make_methods(config, model, trainer, theta, num_classes_1) -> list[tuple[Method, Method]]:
     """(Task-2 method, Task-3 method) of every name in `task_b.methods`."""
     out = []
     for name in config.task_b.methods:
         if name == "teacher":
             lr = config.task_b.learning_rate
-            out.append(tuple(make_teacher(model, lr, num_classes_1, p) for p in (0, 1)))
+            out.append(tuple(make_multitask_teacher(model, lr, num_classes_1, p) for p in (0, 1)))
             continue
         if name == "learned":
             method = make_learned(model, trainer.ml, theta, trainer.lr)
@@ -266,166 +192,6 @@ def make_methods(config, model, trainer, theta, num_classes_1) -> list[tuple[Met
             method = make_method(name, model, config.task_b)
         out.append((method, on_task_3(method)))
     return out
-
-
-def make_streams(config, n_b: int, a_sizes, num_steps: int, task: int) -> run_b.Streams:
-    """Batch indices of every seed for learning Task `task` (2 or 3): B from its n_b examples;
-    A (the teacher's) balanced over the earlier tasks of sizes `a_sizes`, indexing their union."""
-    cfg, s = config.task_b, config.num_seeds
-    seeds_b = [rng.seed_for(config.seed, f"task_{task}_data", i) for i in range(s)]
-    idx_b = stream.index_streams(n_b, cfg.batch_size, num_steps, seeds_b)
-    parts, offset = [], 0
-    # Earlier tasks share the batch equally, the first ones taking the remainder (as in
-    # `SequentialTrainer.batches`).
-    shares = [len(a) for a in np.array_split(np.arange(cfg.teacher_batch_a), len(a_sizes))]
-    for j, (n, share) in enumerate(zip(a_sizes, shares, strict=True)):
-        seeds = [rng.seed_for(config.seed, f"task_{task}_teacher_data", j, i) for i in range(s)]
-        parts.append(offset + stream.index_streams(n, int(share), num_steps, seeds))
-        offset += n
-    aug_b = aug_a = None
-    if config.data.augment:
-        aug_b = training.augment_streams(cfg.batch_size, num_steps, seeds_b)
-        seeds_a = [rng.seed_for(config.seed, f"task_{task}_teacher_aug", i) for i in range(s)]
-        aug_a = training.augment_streams(cfg.teacher_batch_a, num_steps, seeds_a)
-    return run_b.Streams(idx_b, np.concatenate(parts, axis=-1), aug_b, aug_a)
-
-
-def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_classes):
-    """Jitted probe(networks_S, sets (three DeviceTasks), ref_rep_S or None) -> (metrics
-    {readout_k, original_k: [S]} for k = 1, 2, 3 and cka_1, Task-1 test representations)."""
-
-    @functools.partial(jax.jit, static_argnames="cka_size")
-    def run(networks, sets, ref_rep, cka_size):
-        def features(net, images, data):
-            return training.features(model.apply, net["backbone"], images, data.mean, data.std)
-
-        def one(net):
-            return [
-                (features(net, d.train_images, d), features(net, d.test_images, d)) for d in sets
-            ]
-
-        rep = training.map_seeds(one, networks)  # [(train [S, N, D], test [S, M, D])] per task
-        metrics = {}
-        tasks_ = zip(sets, HEADS, num_classes, rep, strict=True)
-        for k, (data, head, n, (train, test)) in enumerate(tasks_, 1):
-            metrics[f"readout_{k}"] = probe.readout_accuracies(
-                train, data.train_labels, test, data.test_labels, n, readout_cfg
-            )
-            logits = jax.vmap(lambda net, r, h=head: models.apply_head(net[h], r))(networks, test)
-            metrics[f"original_{k}"] = probe.head_accuracy(logits, data.test_labels)
-        cka_rep = rep[0][1][:, :cka_size]
-        ref = cka_rep if ref_rep is None else ref_rep
-        metrics["cka_1"] = jax.vmap(probe.linear_cka)(cka_rep, ref)
-        return metrics, cka_rep
-
-    def probe_fn(networks, sets, cka_size, ref_rep=None):
-        return run(networks, tuple(sets), ref_rep, cka_size=cka_size)
-
-    return probe_fn
-
-
-class Phase(NamedTuple):
-    """One task of the meta-test sequence as a method sees it."""
-
-    method: Method
-    data_a: training.DeviceTask  # the earlier tasks (the teacher's A), labels as `multitask_loss`
-    data_b: training.DeviceTask  # the task being learned
-    streams: run_b.Streams
-
-
-def run_phases(name, phases, networks0, data_1, config, measure, initial):
-    """One method over every seed through `phases` (state carried across), probed every
-    `task_b.probe_every` steps.
-
-    Args:
-      measure: (networks_S, ref_rep_S) -> (metrics, rep): the probe on this task sequence.
-      initial: `measure` of `networks0`, shared by the methods (all start from them).
-
-    Returns:
-      ({metric: [S, P]}, seconds training, seconds probing).
-    """
-    cfg, s = config.task_b, config.num_seeds
-    keys = jnp.stack([rng.key_for(config.seed, f"task_b_{name}", i) for i in range(s)])
-    init = phases[0].method.init
-    states = jax.jit(lambda nets, keys, data: training.map_seeds(
-        lambda n, k: init(n, data, k), nets, keys))(networks0, keys, data_1)  # fmt: skip
-    metrics0, ref_rep = initial
-    history = {k: [np.asarray(v)] for k, v in metrics0.items()}
-    history["loss"] = [np.full(s, np.nan)]
-    train_s = probe_s = 0.0
-    offset = 0
-    for phase in phases:
-        advance, st = run_b.make_advance(phase.method), phase.streams
-        uses_a = phase.method.uses_task_a
-        for start in range(0, st.idx_b.shape[1], cfg.probe_every):
-            stop = start + cfg.probe_every
-            steps = jnp.arange(offset + start, offset + stop)
-            step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(keys, steps)
-            t0 = time.time()
-            states, step_metrics = advance(
-                states, phase.data_a, phase.data_b, step_keys, st.idx_b[:, start:stop],
-                st.idx_a[:, start:stop] if uses_a else None,
-                training.slice_steps(st.aug_b, start, stop),
-                training.slice_steps(st.aug_a, start, stop) if uses_a else None,
-            )  # fmt: skip
-            jax.block_until_ready(states)
-            t1 = time.time()
-            networks = jax.vmap(phase.method.network)(states)
-            metrics = jax.device_get(measure(networks, ref_rep)[0])
-            probe_s += time.time() - t1
-            train_s += t1 - t0
-            for k in metrics:
-                history[k].append(np.asarray(metrics[k]))
-            history["loss"].append(np.asarray(step_metrics["loss"]))
-        offset += st.idx_b.shape[1]
-    return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s
-
-
-def initial_networks(config, pretrained, n_way: int, rep_dim: int):
-    """Per seed: the checkpoint and fresh Task-2 heads of `forgetting.initial_networks`, and a
-    fresh Task-3 head (the same for every method)."""
-    nets = forgetting.initial_networks(config, pretrained, n_way, rep_dim)
-    heads = [models.init_head(rng.key_for(config.seed, "head_c", s), rep_dim, n_way)
-             for s in range(config.num_seeds)]  # fmt: skip
-    return {**nets, "head_c": jax.tree.map(lambda *h: np.stack(h), *heads)}
-
-
-def compare_methods(config, model, pretrained, task_1, task_2, task_3, mean, std, methods):
-    """Every (Task-2, Task-3) method pair of `methods` on one task sequence, over `num_seeds`
-    seeds, with the same networks, heads and batches. Returns the dict of
-    `forgetting.compare_methods` (steps 0..steps_2 + steps_3)."""
-    b = config.task_b
-    dev = lambda t: training.to_device(t, mean, std)  # noqa: E731
-    data_1, data_2, data_3 = dev(task_1), dev(task_2), dev(task_3)
-    data_12 = dev(tasks.union(task_1, task_2))
-    n_1, n_2, n_3 = (len(t.train.labels) for t in (task_1, task_2, task_3))
-    streams_2 = make_streams(config, n_2, (n_1,), b.steps_2, task=2)
-    streams_3 = make_streams(config, n_3, (n_1, n_2), b.steps_3, task=3)
-    networks0 = initial_networks(config, pretrained, task_2.num_classes, model.representation_dim)
-    sets = [forgetting.probe_task(t, mean, std, config.readout, f"probe_{k}", config.seed)
-            for k, t in enumerate((task_1, task_2, task_3), 1)]  # fmt: skip
-    cka_size = min(config.readout.cka_size or len(task_1.test.labels), len(task_1.test.labels))
-    num_classes = (task_1.num_classes, task_2.num_classes, task_3.num_classes)
-    probe_fn = make_probe(model, experiment.readout_config(config), num_classes)
-    measure = lambda nets, ref=None: probe_fn(nets, sets, cka_size, ref)  # noqa: E731
-    t0 = time.time()
-    initial = measure(networks0)
-    probe_s = time.time() - t0
-    histories, train_times = {}, {}
-    for m2, m3 in methods:
-        phases = (Phase(m2, data_1, data_2, streams_2), Phase(m3, data_12, data_3, streams_3))
-        hist, train_s, method_probe_s = run_phases(m2.name, phases, networks0, data_1, config,
-                                                   measure, initial)  # fmt: skip
-        histories[m2.name], train_times[m2.name] = hist, train_s
-        probe_s += method_probe_s
-        end = " / ".join(f"{100 * hist[k][:, -1].mean():.1f}%" for k in READOUT)
-        logging.info("%s: readout on Tasks 1 / 2 / 3 at the end: %s", m2.name, end)
-    return {
-        "steps": list(range(0, b.steps_2 + b.steps_3 + 1, b.probe_every)),
-        "seeds": list(range(config.num_seeds)),
-        "methods": histories,
-        "timing": {"task_b_s": train_times, "probe_s": probe_s},
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,8 +342,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta_s = time.time() - t1
     methods = make_methods(config, model, trainer, state.theta, plan.task_1.num_classes)
     compared = remember.merge_runs([
-        compare_methods(config, model, test_nets, plan.task_1, t2, t3, mean, std, methods)
-        for t2, t3 in plan.meta_test
+        run_sequence.compare_methods(config, model, test_nets, plan.task_1, task_2, task_3,
+                                     mean, std, methods)
+        for task_2, task_3 in plan.meta_test
     ])  # fmt: skip
     results = {
         "experiment": config.experiment,
@@ -601,7 +368,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "exp5_tasks": plot_tasks(results, workdir, prefix=config.experiment)}  # fmt: skip
     report.write_curves_to_tensorboard(results, os.path.join(workdir, "tb"))
     task_2 = plan.meta_test[0][0]
-    net0 = initial_networks(config, test_nets, task_2.num_classes, model.representation_dim)
+    net0 = run_sequence.initial_networks(
+        config, test_nets, task_2.num_classes, model.representation_dim
+    )
     net0 = jax.tree.map(lambda a: jnp.asarray(a[0]), net0)
     n_steps = min(config.task_b.steps_2, 100)
     idx = stream.index_stream(len(task_2.train.labels), config.task_b.batch_size, n_steps,

@@ -200,3 +200,41 @@ def test_n_way_episodes_learn_their_own_classes(setup):
     assert state.episodes.student["head_b"]["kernel"].shape[-1] == 2
     new_state, metrics = trainer.run_window(state)[:2]
     assert np.isfinite(float(metrics["loss"])) and int(new_state.skipped) == 0
+
+
+def test_restart_rule_follows_algorithm_1(setup):
+    """An episode whose loss exceeds the threshold restarts from w0 (a fresh id, its LSTM state
+    zeroed) at the window's end and counts as a restart; one that reached `meta.inner_steps`
+    ends too, without counting as a restart; the others carry on."""
+    config, _, _, _, _, trainer = setup
+    state = trainer.init()
+    _, s = meta_train.curriculum(config.meta, 0)
+    idx_a, idx_b = trainer.batches(0, s)
+    window = trainer._window_fn(s)
+    e = config.meta.num_episodes_parallel
+    # Threshold 0: every loss exceeds it, so every episode restarts.
+    new, metrics = window(state, trainer.inputs, idx_a, idx_b, jnp.float32(0.0))
+    assert np.all(np.asarray(metrics["restarted"]))
+    assert int(new.restarts) == e and int(new.episodes_done) == e
+    np.testing.assert_array_equal(new.episodes.id, np.arange(e, 2 * e))
+    fresh = jax.jit(trainer._fresh)(trainer.inputs, new.episodes.id)
+    chex.assert_trees_all_equal(new.episodes.student, fresh.student)
+    chex.assert_trees_all_equal(new.episodes.lstm, fresh.lstm)
+    assert np.all(np.asarray(new.episodes.step) == 0)
+    # A huge threshold: nobody restarts; the students moved on and count s steps.
+    kept, metrics = window(state, trainer.inputs, idx_a, idx_b, jnp.float32(1e9))
+    assert not np.any(np.asarray(metrics["restarted"])) and int(kept.restarts) == 0
+    np.testing.assert_array_equal(kept.episodes.step, np.full(e, s))
+    np.testing.assert_array_equal(kept.episodes.id, state.episodes.id)
+    # Episodes that reach inner_steps end (new ids) without counting as restarts.
+    short = config.copy_and_resolve_references()
+    short.meta.inner_steps = s
+    trainer.cfg = short.meta
+    try:
+        trainer._windows.pop(s)
+        ended, _ = trainer._window_fn(s)(state, trainer.inputs, idx_a, idx_b, jnp.float32(1e9))
+    finally:
+        trainer.cfg = config.meta
+        trainer._windows.pop(s)
+    assert int(ended.restarts) == 0 and int(ended.episodes_done) == e
+    np.testing.assert_array_equal(ended.episodes.id, np.arange(e, 2 * e))

@@ -12,11 +12,21 @@ import numpy as np
 import pytest
 
 from experiments.configs import exp5
-from l2r import cl_metrics, forgetting, meta_train, pretrain, rng, sequential, training
+from l2r import (
+    cl_metrics,
+    forgetting,
+    meta_train,
+    pretrain,
+    rng,
+    run_sequence,
+    sequential,
+    training,
+)
 from l2r import workdir as workdir_lib
 from l2r.experiment import ConfigError
 from l2r.methods import Batch, make_teacher
 from l2r.methods.learned import student_step
+from l2r.methods.multitask import HEADS, swap_heads
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +126,7 @@ def test_teacher_rehearses_task_1_and_task_2_while_learning_task_3(setup):
     network = _episode(state.episodes.teacher, 0)
     x_b, y_b = trainer._gather_b(trainer.inputs, idx_b[0, 0], task)
     new = jax.jit(trainer._teacher_step)(network, x_a, y_a, x_b, y_b, task)
-    for head in sequential.HEADS:
+    for head in HEADS:
         assert not np.allclose(new[head]["kernel"], network[head]["kernel"]), head
 
     # Phase 0: A = Task 1 only, B = Task 2 through head_b; head_c untouched.
@@ -146,11 +156,11 @@ def test_student_learns_task_3_through_its_own_head(setup):
     _, idx_b = trainer.batches(0, 1, jax.device_get(both))
     x_b, y_b = trainer._gather_b(trainer.inputs, idx_b[0, 0], task)
     net, _ = jax.jit(trainer._student_step)(state.theta, eps.student, eps.lstm, x_b, y_b, task)
-    view = sequential.swap_heads(eps.student)
+    view = swap_heads(eps.student)
     ref, _, _, _ = student_step(
         model, trainer.ml, state.theta, trainer.lr, view, eps.lstm, x_b, y_b
     )
-    chex.assert_trees_all_close(net, sequential.swap_heads(ref), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(net, swap_heads(ref), rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_equal(net["head_b"], eps.student["head_b"])
     assert not np.allclose(net["head_c"]["kernel"], eps.student["head_c"]["kernel"])
 
@@ -228,14 +238,14 @@ def test_exp5_smoke_pipeline_writes_three_task_curves(tmp_path):
     assert saved["steps"][-1] == b.steps_2 + b.steps_3
     shape = (config.num_seeds, (b.steps_2 + b.steps_3) // b.probe_every + 1)
     for name, hist in saved["methods"].items():
-        for metric in sequential.READOUT:
+        for metric in run_sequence.READOUT:
             acc = np.asarray(hist[metric], float)
             assert acc.shape == shape and np.all(np.isfinite(acc)), (name, metric)
     # Every method starts from the same networks: one step-0 probe.
-    for metric in sequential.READOUT:
+    for metric in run_sequence.READOUT:
         np.testing.assert_allclose(saved["methods"]["sgd"][metric][0][0],
                                    saved["methods"]["learned"][metric][0][0])  # fmt: skip
-    stats = cl_metrics.summarize(saved, sequential.READOUT, saved["task_ends"])
+    stats = cl_metrics.summarize(saved, run_sequence.READOUT, saved["task_ends"])
     assert set(stats["learned"]) >= {"avg_acc", "bwt", "forgetting_readout_1"}
     assert saved["task_ends"] == [0, b.steps_2 // b.probe_every, shape[1] - 1]
     assert "avg acc" in (tmp_path / "results.md").read_text()
@@ -245,12 +255,12 @@ def test_exp5_smoke_pipeline_writes_three_task_curves(tmp_path):
 
 def test_meta_test_streams_balance_the_teachers_earlier_tasks():
     config = exp5.get_config("smoke")
-    streams = sequential.make_streams(config, 40, (100, 30), 6, task=3)
+    streams = run_sequence.make_streams(config, 40, (100, 30), 6, task=3)
     b = config.task_b
     assert streams.idx_b.shape == (config.num_seeds, 6, b.batch_size)
     first = b.teacher_batch_a - b.teacher_batch_a // 2
     assert np.all(streams.idx_a[..., :first] < 100)
     assert np.all((streams.idx_a[..., first:] >= 100) & (streams.idx_a[..., first:] < 130))
-    again = sequential.make_streams(config, 40, (100, 30), 6, task=3)
+    again = run_sequence.make_streams(config, 40, (100, 30), 6, task=3)
     np.testing.assert_array_equal(again.idx_a, streams.idx_a)
     assert rng.seed_for(0, "task_3_data", 0) != rng.seed_for(0, "task_2_data", 0)
