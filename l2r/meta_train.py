@@ -31,6 +31,7 @@ which may be any pytree with a leading episode axis) and `_window_end` (what hap
 episode at a window's end); `l2r.sequential` uses them for Exp 5's three tasks.
 """
 
+import collections
 import functools
 import os
 import time
@@ -164,8 +165,15 @@ class MetaTrainer:
         self.ml = build_metalearner(model, shape, ml_cfg)
         self.opt = make_optimizer(self.cfg)
         self.chunk = self.cfg.get("episode_chunk", 0) or None  # None: the backend's default
+        self.mesh = training.episode_mesh(self.cfg.num_episodes_parallel,
+                                          self.cfg.get("shard_episodes", True))  # fmt: skip
+        if self.mesh is not None:
+            # Episodes split over the devices; on each, its share is vmapped (GSPMD partitions
+            # the vmapped axis), and the mean meta-gradient becomes an all-reduce.
+            self.chunk = self.cfg.num_episodes_parallel
         self.teacher = make_teacher(model, self.lr)
         self._windows = {}
+        self.traces = collections.Counter()  # T-BPTT length -> times its window was traced
 
     # -- episodes ---------------------------------------------------------------------------
 
@@ -230,7 +238,15 @@ class MetaTrainer:
         state = MetaState(theta, self.opt.init(theta), episodes, i32(0), i32(e), i32(0), i32(0),
                           i32(0))  # fmt: skip
         # Committed like the window's outputs: otherwise the second window compiles again.
-        return jax.device_put(state, jax.devices()[0])
+        return jax.device_put(state, self.state_sharding())
+
+    def state_sharding(self):
+        """θ, its optimiser state and the counters replicated, the episodes split over the
+        mesh's 'data' axis (a pytree prefix of `MetaState`); one device without a mesh."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        rep, split = training.replicated(self.mesh), training.split(self.mesh)
+        return MetaState(rep, rep, split, rep, rep, rep, rep, rep)
 
     # -- one truncation window ----------------------------------------------------------------
 
@@ -295,6 +311,11 @@ class MetaTrainer:
             return keep(new_theta, theta), keep(new_opt, opt_state)
 
         def window(state: MetaState, inp: Inputs, idx_a, idx_b, threshold):
+            self.traces[num_steps] += 1  # Python runs here only when jit (re)traces.
+            if self.traces[num_steps] > 1:
+                logging.warning("The %d-step meta-training window was traced again (%d times): "
+                                "argument shapes or shardings changed between windows.",
+                                num_steps, self.traces[num_steps])  # fmt: skip
             eps = state.episodes
             threshold = jnp.broadcast_to(threshold, eps.step.shape)  # a scalar or one per episode
             teacher_fn = functools.partial(self._teacher_window, inp)
@@ -382,7 +403,20 @@ class MetaTrainer:
             metrics = {"loss": jnp.nanmean(loss_k), "restarted": restarted}
             return new_state, metrics
 
-        fn = jax.jit(window)
+        # The window's state is donated (updated in place) on accelerators, where memory is
+        # short; not on CPU, where tests and callers reuse a state after a window.
+        donate = (0,) if jax.default_backend() != "cpu" else ()
+        if self.mesh is None:
+            fn = jax.jit(window, donate_argnums=donate)
+        else:
+            rep, split = training.replicated(self.mesh), training.split(self.mesh)
+            state_sh = self.state_sharding()
+            fn = jax.jit(
+                window,
+                in_shardings=(state_sh, rep, split, split, rep),
+                out_shardings=(state_sh, {"loss": rep, "restarted": split}),
+                donate_argnums=donate,
+            )
         self._windows[num_steps] = fn
         return fn
 

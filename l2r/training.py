@@ -89,6 +89,33 @@ def map_seeds(fn, *args, chunk: int | None = None):
     return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk if chunk > 1 else None)
 
 
+def episode_mesh(size: int, enabled: bool = True) -> jax.sharding.Mesh | None:
+    """A 1-D mesh over every device of every process, axis 'data', for a parallel axis of
+    `size` runs (episodes, seeds); None with a single device or when disabled.
+
+    Raises:
+      ValueError: `size` is not a multiple of the device count.
+    """
+    n = jax.device_count()
+    if not enabled or n == 1:
+        return None
+    if size % n:
+        raise ValueError(
+            f"{size} parallel runs cannot be split evenly over {n} devices; make the count "
+            f"(e.g. meta.num_episodes_parallel) a multiple of {n}."
+        )
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.P())
+
+
+def split(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """The leading axis split over 'data' (every other axis replicated)."""
+    return jax.sharding.NamedSharding(mesh, jax.P("data"))
+
+
 def cross_entropy(logits_BK: jax.Array, labels_B: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BK, labels_B).mean()
 

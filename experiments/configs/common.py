@@ -139,6 +139,7 @@ def meta_config():
     c.max_windows = 0  # Stop after this many truncation windows (0 = when `episodes` are done).
     c.max_minutes = 0.0  # Or after this much window time, compiles included (0 = no limit).
     c.num_episodes_parallel = 4  # Episodes in flight; the meta-gradient is their mean.
+    c.shard_episodes = True  # Split episodes over all devices (a no-op on one device).
     c.episode_chunk = 0  # Episodes vmapped together (0: 1 on CPU, all on accelerators).
     c.inner_steps = 500  # T(i): an episode restarts after this many inner steps at the latest.
     c.learning_rate = 1e-3  # §3: Adam, η = 1e-3.
