@@ -259,7 +259,7 @@ def bench_meta(repeats):
     print("| T-BPTT steps | episode length | episodes | temp MiB | argument MiB |")
     print("|---|---|---|---|---|")
     for steps, length, eps in ((2, 500, 2), (5, 500, 2), (9, 500, 2), (17, 500, 2),
-                               (5, 100, 2), (5, 2000, 2), (5, 500, 4), (5, 500, 8)):  # fmt: skip
+                               (5, 2000, 2), (5, 500, 8)):  # fmt: skip
         over = dict(num_episodes_parallel=eps, inner_steps=length, update_every_step=True)
         _, _, trainer = _meta_setup("smoke", over, (16, 16, 1))
         state = trainer.init()

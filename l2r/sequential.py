@@ -169,11 +169,11 @@ class SequentialTrainer(meta_train.MetaTrainer):
         task = jax.device_get(state.episodes.classes)
         thresholds = np.float32(threshold) + np.float32(self.switch_step) * task.phase
         idx_a, idx_b = self.batches(int(state.window), s, task)
-        phase = state.episodes.classes.phase
         state, metrics = self._window_fn(s)(
             state, self.inputs, idx_a, idx_b, jnp.asarray(thresholds, jnp.float32)
         )
-        switched = (phase == 0) & (state.episodes.classes.phase == 1)
+        # From the host copy: the state passed in may have been donated to the window.
+        switched = (task.phase == 0) & (state.episodes.classes.phase == 1)
         metrics = {**metrics, "switched": switched, "switches": jnp.sum(switched)}
         return state, metrics, threshold, s
 

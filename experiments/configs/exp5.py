@@ -20,9 +20,12 @@ Presets (`--config=experiments/configs/exp5.py:<preset>`):
                  (`pools.disjoint_tasks=False`); 300 + 300 steps.
   smoke          Generated data (11 classes: Task 1 = 3, pools of 4 with disjoint 2-way tasks),
                  tiny net; seconds. For tests.
+The cpu and cifar_offline presets meta-train with Exp 1's CPU-budget recipe
+(`exp1.offline_recipe`: exp gate, normalized loss, per-window T-BPTT, thresholds 45 -> 60, so up
+to 65 on Task 3) and stop at `meta.max_windows`; neither budget has been timed for three tasks.
 """
 
-from experiments.configs import common, exp2, fig1
+from experiments.configs import common, exp1, exp2, fig1
 
 PRESETS = ("cpu", "paper", "cifar_offline", "smoke")
 CIFAR10 = common.CIFAR10_5A + common.CIFAR10_5B
@@ -48,6 +51,8 @@ def get_config(arg=None):
     c.meta.threshold_max = 50.0  # and a threshold from 20 up to 50.
     c.meta.inner_steps = 300  # Most steps on each of Task 2 and Task 3 in one episode.
     c.meta.switch_threshold_step = 5.0  # §5.6: the threshold is raised by 5 while on Task 3.
+    if preset in ("cpu", "cifar_offline"):
+        exp1.offline_recipe(c.meta)  # Exp 1's CPU-budget departures (exp gate, thresholds 45-60).
 
     pool = common.pool_config
     if preset == "paper":
@@ -69,6 +74,7 @@ def get_config(arg=None):
         c.meta.episodes = 40
         c.meta.num_episodes_parallel = 2
         c.meta.curriculum_every = 15
+        c.meta.max_windows = 40  # exp1's CPU budget.
     elif preset == "cpu":
         c.data.classes_a = ("T-shirt/top", "Trouser", "Pullover", "Dress")
         c.pools = common.pools_config(
@@ -79,6 +85,7 @@ def get_config(arg=None):
         )
         c.meta.episodes = 60
         c.meta.curriculum_every = 20
+        c.meta.max_windows = 180  # exp1's budget (20 minutes on 2 cores for two tasks).
     elif preset == "smoke":
         c.data.synthetic.num_classes = 11
         c.data.classes_a = (0, 1, 2)
