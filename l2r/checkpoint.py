@@ -20,7 +20,9 @@ def save(path: str, tree, meta: dict | None = None) -> None:
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
     if meta is not None:
-        tmp = os.path.join(path, META_FILE + ".tmp")
+        # Every process of a multi-host run gets here; each writes through its own temporary
+        # name, and the rename of identical content is atomic, so none sees a half file.
+        tmp = os.path.join(path, f"{META_FILE}.{jax.process_index()}.tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
         os.replace(tmp, os.path.join(path, META_FILE))
