@@ -220,10 +220,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_nets, test_nets = split_checkpoints(config, pretrained)
     t1 = time.time()
     data_meta = training.to_device(plan.meta_train, mean, std)
-    trainer, state, history = meta_train.meta_train(
-        config, model, train_nets, data_a, data_meta, os.path.join(workdir, "meta"),
-        class_table=plan.class_table,
-    )  # fmt: skip
+    learned = "learned" in config.task_b.methods
+    trainer = state = None
+    history = {}
+    if learned:  # Baselines alone need no meta-training, only the same protocol.
+        trainer, state, history = meta_train.meta_train(
+            config, model, train_nets, data_a, data_meta, os.path.join(workdir, "meta"),
+            class_table=plan.class_table,
+        )  # fmt: skip
     meta_s = time.time() - t1
     n_way = config.pools.n_way if "pools" in config else None
     starts, start_s = forgetting.method_starts(config, model, test_nets, data_a, data_meta,
@@ -253,6 +257,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if "pools" in config:
         results["meta_test_tasks"] = [list(t.class_names) for t in plan.meta_test]
     paths = report.write_report(results, workdir, prefix=config.experiment)
+    if learned:
+        for path in meta_figures(config, model, trainer, state, history, plan, test_nets, mean,
+                                 std, workdir):  # fmt: skip
+            paths[os.path.splitext(os.path.basename(path))[0]] = path
+    logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
+    logging.info("Wrote %s", ", ".join(paths.values()))
+    return results
+
+
+def meta_figures(config, model, trainer, state, history, plan, test_nets, mean, std, workdir):
+    """Figs. 6 and 7 of a meta-trained rule: its curriculum and its gates on a meta-test task."""
     db2 = plan.meta_test[0]
     net0 = forgetting.initial_networks(config, test_nets, db2.num_classes,
                                        model.representation_dim)  # fmt: skip
@@ -267,8 +282,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )  # fmt: skip
     )
     deltas = delta_histograms(model, trainer, state.theta, net0, data_b2, idx, len(idx))
-    for path in plot_meta(history, deltas, workdir):
-        paths[os.path.splitext(os.path.basename(path))[0]] = path
-    logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
-    logging.info("Wrote %s", ", ".join(paths.values()))
-    return results
+    return plot_meta(history, deltas, workdir)

@@ -83,3 +83,13 @@ def test_exp3_smoke_runs_every_method_from_a_held_out_checkpoint(tmp_path):
                                saved["methods"]["learned"]["readout_A"][0][0])  # fmt: skip
     assert "avg acc" in (tmp_path / "results.md").read_text()
     assert os.path.getsize(tmp_path / "fig7_delta.png") > 0
+
+
+def test_baselines_alone_skip_meta_training(tmp_path):
+    config = exp2.get_config("smoke")
+    config.task_b.methods = ("sgd", "sgd_kernels_x0.1")
+    with workdir_lib.locked(str(tmp_path)):
+        results = remember.run(config, str(tmp_path))
+    assert results["meta"] == {} and not os.path.exists(tmp_path / "meta")
+    assert not os.path.exists(tmp_path / "fig6_curriculum.png")
+    assert set(results["methods"]) == {"sgd", "sgd_kernels_x0.1"}

@@ -108,3 +108,19 @@ def test_map_seeds_equals_vmap(setup, chunk):
     # None entries (a method without Task-A data) pass through.
     out = training.map_seeds(lambda n, none: n["head_b"]["bias"], four, None, chunk=chunk)
     chex.assert_trees_all_equal(out, four["head_b"]["bias"])
+
+
+def test_kernel_scaled_sgd_slows_only_the_kernels(setup):
+    """sgd_kernels_x<k>: conv/dense kernels step k·lr, GroupNorm/bias leaves and head B step lr."""
+    _, model, _, data_b, networks, streams = setup
+    network = jax.tree.map(lambda a: a[0], networks)
+    batch = Batch(*training.gather(data_b, streams.idx_b[0, 0]))
+    full, _ = make_method("sgd", model, TASK_B).step(network, batch, None)
+    slow, _ = make_method("sgd_kernels_x0.25", model, TASK_B).step(network, batch, None)
+    flat = lambda t: jax.tree_util.tree_leaves_with_path(t)  # noqa: E731
+    for (path, w0), (_, w1), (_, w2) in zip(flat(network), flat(full), flat(slow), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "backbone" in name and w0.ndim > 1:
+            np.testing.assert_allclose(w2 - w0, 0.25 * (w1 - w0), rtol=1e-4, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(w2, w1)

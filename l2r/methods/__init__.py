@@ -11,10 +11,12 @@ from l2r.methods.sgd import make_sgd, make_teacher
 # "sgd_x<factor>" scales SGD's learning rate (the paper's "SGD x0.1" is sgd_x0.1).
 METHOD_NAMES = ("sgd", "sgd_x0.1", "teacher", "lwf", "ewc", "hat", "oml", "rep")
 _SCALED_SGD = re.compile(r"sgd_x(\d+(\.\d*)?|\.\d+)$")
+# "sgd_kernels_x<factor>": only conv/dense kernels' steps scaled (norms, biases, heads at lr).
+_KERNEL_SGD = re.compile(r"sgd_kernels_x(\d+(\.\d*)?|\.\d+)$")
 
 
 def is_method_name(name: str) -> bool:
-    return name in METHOD_NAMES or bool(_SCALED_SGD.match(name))
+    return name in METHOD_NAMES or bool(_SCALED_SGD.match(name) or _KERNEL_SGD.match(name))
 
 
 def make_method(name: str, model, task_b) -> Method:
@@ -25,6 +27,8 @@ def make_method(name: str, model, task_b) -> Method:
         return make_sgd(model, lr, name)
     if match := _SCALED_SGD.match(name):
         return make_sgd(model, float(match.group(1)) * lr, name)
+    if match := _KERNEL_SGD.match(name):
+        return make_sgd(model, lr, name, kernel_scale=float(match.group(1)))
     if name == "teacher":
         return make_teacher(model, lr, name)
     if name == "lwf":

@@ -16,8 +16,14 @@ def _logits(model, network, x, head):
     return models.apply_head(network[head], model.apply(network["backbone"], x).representation)
 
 
-def make_sgd(model: models.Model, learning_rate: float, name: str = "sgd") -> Method:
-    """SGD on the Task-B loss; updates the backbone and the Task-B head, never the A head."""
+def make_sgd(
+    model: models.Model, learning_rate: float, name: str = "sgd", kernel_scale: float = 1.0
+) -> Method:
+    """SGD on the Task-B loss; updates the backbone and the Task-B head, never the A head.
+
+    `kernel_scale` multiplies the steps of the backbone's conv and dense kernels only (leaves
+    with ndim > 1): a hand-made "slow kernels, free norms and biases" rule, the pattern the
+    meta-learned gates of Exp 1 settle on (docs/results.md)."""
 
     def loss_fn(trainable, frozen_head_a, batch):
         network = {**trainable, "head_a": frozen_head_a}
@@ -27,7 +33,13 @@ def make_sgd(model: models.Model, learning_rate: float, name: str = "sgd") -> Me
         del key
         trainable = {"backbone": network["backbone"], "head_b": network["head_b"]}
         loss, grads = jax.value_and_grad(loss_fn)(trainable, network["head_a"], batch)
-        trainable = jax.tree.map(lambda p, g: p - learning_rate * g, trainable, grads)
+        scale = {
+            "backbone": jax.tree.map(
+                lambda p: kernel_scale if p.ndim > 1 else 1.0, trainable["backbone"]
+            ),
+            "head_b": jax.tree.map(lambda p: 1.0, trainable["head_b"]),
+        }
+        trainable = jax.tree.map(lambda p, g, k: p - learning_rate * k * g, trainable, grads, scale)
         return {**network, **trainable}, {"loss": loss}
 
     return Method(
