@@ -7,9 +7,14 @@ with a small JSON file beside the arrays for metadata such as the test accuracy.
 
 import json
 import os
+import time
+from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 META_FILE = "l2r_meta.json"
 
@@ -43,3 +48,45 @@ def restore(path: str, like=None):
     with open(os.path.join(path, META_FILE)) as f:
         meta = json.load(f)
     return tree, meta
+
+
+def cached_networks(
+    root: str,
+    count: int,
+    group_size: int,
+    train: Callable[[list[int]], Sequence[tuple[dict, dict]]],
+    what: str,
+):
+    """Networks 0..count-1 cached under `root/ckpt_<i>`, training only the missing ones.
+
+    Args:
+      root: the folder of one recipe (its name should fingerprint everything that shapes the
+        networks, so a changed recipe never reuses stale checkpoints).
+      count: how many networks.
+      group_size: missing networks trained together per `train` call.
+      train: ids -> one (network, metadata) pair per id; metadata must hold "test_accuracy".
+      what: a name for the log lines ("Pre-trained", "HAT", ...).
+
+    Returns:
+      (networks stacked [count, ...], test accuracies [count], seconds spent training).
+    """
+    paths = [os.path.join(root, f"ckpt_{i}") for i in range(count)]
+    missing = [i for i, p in enumerate(paths) if not exists(p)]
+    t0 = time.time()
+    for start in range(0, len(missing), group_size):
+        ids = missing[start : start + group_size]
+        for i, (net, meta) in zip(ids, train(ids), strict=True):
+            save(paths[i], net, meta)
+            extra = ", ".join(f"{k} {v:.4g}" for k, v in meta.items() if k != "test_accuracy")
+            logging.info("%s checkpoint %d: Task-A test accuracy %.2f%% (%s)", what, i,
+                         100 * meta["test_accuracy"], extra)  # fmt: skip
+    train_s = time.time() - t0
+    nets, accs = [], []
+    for i, p in enumerate(paths):
+        net, meta = restore(p)
+        nets.append(net)
+        accs.append(meta["test_accuracy"])
+        if i not in missing:
+            logging.info("Reusing %s checkpoint %s (Task-A test accuracy %.2f%%)", what, p,
+                         100 * accs[-1])  # fmt: skip
+    return jax.tree.map(lambda *a: jnp.stack(a), *nets), np.asarray(accs), train_s

@@ -11,14 +11,12 @@ networks instead of training again.
 import hashlib
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from l2r import checkpoint, models, report, rng, training
 from l2r.data import stream
@@ -145,25 +143,16 @@ def pretrained_networks(config, model, task_a: training.DeviceTask, workdir: str
       (params stacked over checkpoints [n, ...], test accuracies [n], seconds spent training).
     """
     cfg = config.pretrain
-    root = cfg.dir or os.path.join(workdir, "pretrain")
-    root = os.path.join(root, fingerprint(config))
-    paths = [os.path.join(root, f"ckpt_{i}") for i in range(cfg.num_checkpoints)]
-    missing = [i for i, p in enumerate(paths) if not checkpoint.exists(p)]
-    t0 = time.time()
-    for start in range(0, len(missing), cfg.seeds_per_call):
-        ids = missing[start : start + cfg.seeds_per_call]
+    root = os.path.join(cfg.dir or os.path.join(workdir, "pretrain"), fingerprint(config))
+
+    def train(ids):
         seeds = [rng.seed_for(config.seed, "pretrain_data", i) for i in ids]
         params, accs = _train(config, model, task_a, seeds, ids)
-        for j, i in enumerate(ids):
-            net = jax.tree.map(lambda a, j=j: a[j], params)
-            checkpoint.save(paths[i], net, {"test_accuracy": float(accs[j]), "seed": seeds[j]})
-            logging.info("Pre-trained checkpoint %d: Task-A test accuracy %.2f%%", i, 100 * accs[j])
-    train_s = time.time() - t0
-    nets, accs = [], []
-    for i, p in enumerate(paths):
-        net, meta = checkpoint.restore(p)
-        nets.append(net)
-        accs.append(meta["test_accuracy"])
-        if i not in missing:
-            logging.info("Reusing checkpoint %s (Task-A test accuracy %.2f%%)", p, 100 * accs[-1])
-    return jax.tree.map(lambda *a: jnp.stack(a), *nets), np.asarray(accs), train_s
+        return [
+            (jax.tree.map(lambda a, j=j: a[j], params),
+             {"test_accuracy": float(accs[j]), "seed": seeds[j]})
+            for j in range(len(ids))
+        ]  # fmt: skip
+
+    return checkpoint.cached_networks(root, cfg.num_checkpoints, cfg.seeds_per_call, train,
+                                      "Pre-trained")  # fmt: skip

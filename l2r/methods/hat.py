@@ -50,14 +50,12 @@ task)` is the backbone gated by task's gates at s = s_max (task 0 = A, 1 = B).
 import hashlib
 import json
 import os
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import traverse_util
 
 from l2r import checkpoint, models, pretrain, report, rng, training
@@ -341,29 +339,14 @@ def pretrain_hat(config, model: models.Model, task_a: training.DeviceTask, workd
     """
     cfg = config.pretrain
     root = os.path.join(cfg.dir or os.path.join(workdir, "pretrain"), "hat-" + fingerprint(config))
-    paths = [os.path.join(root, f"ckpt_{i}") for i in range(cfg.num_checkpoints)]
-    missing = [i for i, p in enumerate(paths) if not checkpoint.exists(p)]
-    t0 = time.time()
-    for start in range(0, len(missing), cfg.seeds_per_call):
-        ids = missing[start : start + cfg.seeds_per_call]
+
+    def train(ids):
         seeds = [rng.seed_for(config.seed, "pretrain_data", i) for i in ids]
         params, accs, used = _train_hat(config, model, task_a, seeds, ids)
-        for j, i in enumerate(ids):
-            net = jax.tree.map(lambda a, j=j: a[j], params)
-            meta = {"test_accuracy": float(accs[j]), "seed": seeds[j], "units_used": float(used[j])}
-            checkpoint.save(paths[i], net, meta)
-            logging.info(
-                "HAT pre-trained checkpoint %d: Task-A test accuracy %.2f%%, %.0f%% of units used",
-                i,
-                100 * accs[j],
-                100 * used[j],
-            )
-    train_s = time.time() - t0
-    nets, accs = [], []
-    for i, p in enumerate(paths):
-        net, meta = checkpoint.restore(p)
-        nets.append(net)
-        accs.append(meta["test_accuracy"])
-        if i not in missing:
-            logging.info("Reusing HAT checkpoint %s (Task-A accuracy %.2f%%)", p, 100 * accs[-1])
-    return jax.tree.map(lambda *a: jnp.stack(a), *nets), np.asarray(accs), train_s
+        return [
+            (jax.tree.map(lambda a, j=j: a[j], params),
+             {"test_accuracy": float(accs[j]), "seed": seeds[j], "units_used": float(used[j])})
+            for j in range(len(ids))
+        ]  # fmt: skip
+
+    return checkpoint.cached_networks(root, cfg.num_checkpoints, cfg.seeds_per_call, train, "HAT")

@@ -24,14 +24,12 @@ Choices the paper leaves open, made here:
 import hashlib
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from l2r import checkpoint, models, pretrain, report, rng, training
 from l2r.data import stream
@@ -209,37 +207,18 @@ def pretrain_rep(config, model, data_a, data_meta, workdir: str):
         cfg.dir or os.path.join(workdir, "pretrain"),
         f"rep-{fingerprint(config, data_a, data_meta)}",
     )
-    paths = [os.path.join(root, f"ckpt_{i}") for i in range(cfg.num_checkpoints)]
-    missing = [i for i, p in enumerate(paths) if not checkpoint.exists(p)]
     k_a = num_classes(data_a)
-    t0 = time.time()
-    for start in range(0, len(missing), cfg.seeds_per_call):
-        ids = missing[start : start + cfg.seeds_per_call]
+
+    def train(ids):
         seeds = [rng.seed_for(config.seed, "rep_data", i) for i in ids]
         params, acc_a, acc_m, _ = train_joint(config, model, data_a, data_meta, seeds, ids)
-        for j, i in enumerate(ids):
+        out = []
+        for j in range(len(ids)):
             net = jax.tree.map(lambda a, j=j: a[j], params)
             net = {"backbone": net["backbone"], "head": split_head(net["head"], k_a)[0]}
-            meta = {
-                "test_accuracy": float(acc_a[j]),
-                "meta_test_accuracy": float(acc_m[j]),
-                "seed": seeds[j],
-            }
-            checkpoint.save(paths[i], net, meta)
-            logging.info(
-                "Rep checkpoint %d: Task-A test accuracy %.2f%%, meta-training classes %.2f%%",
-                i,
-                100 * acc_a[j],
-                100 * acc_m[j],
-            )
-    train_s = time.time() - t0
-    nets, accs = [], []
-    for i, p in enumerate(paths):
-        net, meta = checkpoint.restore(p)
-        nets.append(net)
-        accs.append(meta["test_accuracy"])
-        if i not in missing:
-            logging.info(
-                "Reusing Rep checkpoint %s (Task-A test accuracy %.2f%%)", p, 100 * accs[-1]
-            )
-    return jax.tree.map(lambda *a: jnp.stack(a), *nets), np.asarray(accs), train_s
+            meta = {"test_accuracy": float(acc_a[j]), "meta_test_accuracy": float(acc_m[j]),
+                    "seed": seeds[j]}  # fmt: skip
+            out.append((net, meta))
+        return out
+
+    return checkpoint.cached_networks(root, cfg.num_checkpoints, cfg.seeds_per_call, train, "Rep")
