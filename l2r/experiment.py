@@ -23,8 +23,9 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_common(config: ml_collections.ConfigDict) -> None:
-    """Checks the fields shared by every experiment."""
+def check_common(config: ml_collections.ConfigDict, task_b: bool = True) -> None:
+    """Checks the fields shared by every experiment (`task_b=False`: one without a
+    `data.classes_b`, whose later tasks come from class pools, as Exp 5)."""
     require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; use 1 or more.")
     require(
         config.model.name in MODEL_NAMES,
@@ -58,7 +59,7 @@ def check_common(config: ml_collections.ConfigDict) -> None:
         f"data.source={d.source!r}; choose one of {', '.join(sources.SOURCES)}.",
     )
     require(
-        len(d.classes_a) > 0 and len(d.classes_b) > 0,
+        len(d.classes_a) > 0 and (len(d.classes_b) > 0 or not task_b),
         "data.classes_a and data.classes_b must each name at least one class.",
     )
 

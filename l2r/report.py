@@ -40,7 +40,7 @@ def to_jsonable(obj):
     return obj
 
 
-def _atomic_write(path, data: bytes) -> str:
+def write_atomic(path, data: bytes) -> str:
     """Writes `data` to `path` through a temp file in the same dir: never leaves half a file.
 
     Every artefact goes through here; only process 0 of a multi-process run writes (the others
@@ -66,7 +66,7 @@ def write_results_json(results, workdir) -> str:
     """Atomically writes `results` to `<workdir>/results.json` and returns the path."""
     os.makedirs(workdir, exist_ok=True)
     text = json.dumps(to_jsonable(results), indent=2, allow_nan=False)
-    return _atomic_write(os.path.join(workdir, "results.json"), text.encode())
+    return write_atomic(os.path.join(workdir, "results.json"), text.encode())
 
 
 def _metric(results, method: str, name: str) -> np.ndarray:
@@ -184,14 +184,14 @@ def write_markdown(results, workdir, title=None) -> str:
     parts += [
         curves_table(results, m) for m in ("readout_A", "original_A", "readout_B") if m in metrics
     ]
-    return _atomic_write(os.path.join(workdir, "results.md"), ("\n\n".join(parts) + "\n").encode())
+    return write_atomic(os.path.join(workdir, "results.md"), ("\n\n".join(parts) + "\n").encode())
 
 
 def save_figure(fig: Figure, path: str) -> str:
     """Writes `fig` to `path` as a PNG (atomically) and returns the path."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return _atomic_write(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())
 
 
 def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:

@@ -244,9 +244,7 @@ def plan_tasks(config) -> Plan:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every check that needs no data: run before anything is loaded or trained."""
-    common = config.copy_and_resolve_references()
-    common.data.classes_b = tuple(config.data.classes_a)  # Exp 5's later tasks are `pools`.
-    experiment.check_common(common)
+    experiment.check_common(config, task_b=False)  # Exp 5's later tasks are `pools`.
     remember.check_meta(config)
     b, p = config.task_b, config.pools
     for name in b.methods:
@@ -298,7 +296,7 @@ def write_markdown(results, workdir) -> str:
         "## Curves", *(report.curves_table(results, m) for m in READOUT),
     ]  # fmt: skip
     text = "\n\n".join(parts) + "\n"
-    return report._atomic_write(os.path.join(workdir, "results.md"), text.encode())
+    return report.write_atomic(os.path.join(workdir, "results.md"), text.encode())
 
 
 def plot_tasks(results, workdir, prefix="exp5") -> str:
