@@ -3,6 +3,11 @@
 A checkpoint is a directory written by Orbax's `StandardCheckpointer` (which writes to a
 temporary directory and renames it when complete, so a killed save leaves no half checkpoint),
 with a small JSON file beside the arrays for metadata such as the test accuracy.
+
+Several processes (`jax.distributed`): the networks saved here are computed identically by every
+process, so `save` makes them global arrays replicated over all devices and Orbax writes them
+once, collectively (every process must call it); `restore` reads them back replicated on
+however many processes and devices there are now, and hands each process its local copy.
 """
 
 import json
@@ -15,12 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+from l2r import distributed
 
 META_FILE = "l2r_meta.json"
 
 
+def _all_devices() -> jax.sharding.NamedSharding:
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    return jax.sharding.NamedSharding(mesh, distributed.REPLICATED)
+
+
 def save(path: str, tree, meta: dict | None = None) -> None:
     path = os.path.abspath(path)
+    if jax.process_count() > 1:
+        tree = distributed.host_local_to_global(jax.device_get(tree), _all_devices().mesh)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()
@@ -39,15 +54,29 @@ def exists(path: str) -> bool:
 
 
 def restore(path: str, like=None):
-    """Restores the arrays of `path` (shaped like `like` when given) and its metadata."""
+    """Restores the arrays of `path` (shaped like `like` when given) and its metadata.
+
+    Without `like`, on this process's first device whatever topology wrote the checkpoint;
+    with several processes, as each process's local copy of arrays replicated on all devices.
+    """
     path = os.path.abspath(path)
     checkpointer = ocp.StandardCheckpointer()
-    if like is not None:
+    multi = jax.process_count() > 1
+    if like is None or multi:
+        shapes = like if like is not None else checkpointer.metadata(path).item_metadata.tree
+        sharding = (_all_devices() if multi else
+                    jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))  # fmt: skip
+        like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            shapes)  # fmt: skip
+    else:
         like = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     tree = checkpointer.restore(path, like)
+    return (distributed.local_copy(tree) if multi else tree), _read_meta(path)
+
+
+def _read_meta(path: str) -> dict:
     with open(os.path.join(path, META_FILE)) as f:
-        meta = json.load(f)
-    return tree, meta
+        return json.load(f)
 
 
 def cached_networks(
@@ -71,7 +100,10 @@ def cached_networks(
       (networks stacked [count, ...], test accuracies [count], seconds spent training).
     """
     paths = [os.path.join(root, f"ckpt_{i}") for i in range(count)]
-    missing = [i for i, p in enumerate(paths) if not exists(p)]
+    found = np.array([exists(p) for p in paths])
+    if jax.process_count() > 1:  # Every process must train (and save) the same networks.
+        found = multihost_utils.broadcast_one_to_all(found)
+    missing = [i for i in range(count) if not found[i]]
     t0 = time.time()
     for start in range(0, len(missing), group_size):
         ids = missing[start : start + group_size]

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -164,6 +165,73 @@ def host_local_to_global(local, mesh: jax.sharding.Mesh, spec=REPLICATED):
     specs = jax.tree.broadcast(spec, local, is_leaf=is_spec)
     shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs, is_leaf=is_spec)
     return jax.make_array_from_process_local_data(shardings, local)
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+    """`tree` (the same on every process) replicated on every device of `mesh`.
+
+    One process: a device-to-device copy. Several: each process places its own copies from
+    host memory (`host_local_to_global` with `jax.P()`), nothing crosses hosts.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, jax.sharding.NamedSharding(mesh, REPLICATED))
+    return host_local_to_global(jax.device_get(tree), mesh)
+
+
+def process_rows(mesh: jax.sharding.Mesh, size: int) -> slice:
+    """The rows of a leading axis of `size` split over `mesh`'s 'data' axis (`jax.P("data")`)
+    that this process's devices hold: what it passes to `host_local_to_global`.
+
+    Raises:
+      ValueError: this process's rows are not one contiguous block (a mesh whose device order
+        interleaves processes; `jax.make_mesh` never builds one).
+    """
+    sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
+    index = sharding.addressable_devices_indices_map((size,)).values()
+    blocks = sorted({(i[0].start or 0, size if i[0].stop is None else i[0].stop) for i in index})
+    for (_, stop), (start, _) in zip(blocks, blocks[1:], strict=False):
+        if stop != start:
+            raise ValueError(f"Process {jax.process_index()} holds rows {blocks} of {size}, not "
+                             "one block: build the mesh with jax.make_mesh.")  # fmt: skip
+    return slice(blocks[0][0], blocks[-1][1])
+
+
+def split_rows(whole, mesh: jax.sharding.Mesh):
+    """Global arrays split over 'data' along the leading axis from host arrays that every
+    process computed whole: each process passes only its own rows (`process_rows`)."""
+    size = jax.tree.leaves(whole)[0].shape[0]
+    rows = process_rows(mesh, size)
+    local = jax.tree.map(lambda a: np.asarray(a)[rows], whole)
+    return host_local_to_global(local, mesh, jax.P("data"))
+
+
+def local_copy(tree):
+    """Fully replicated global arrays as arrays on this process's first device, for work that
+    each process does alone (meta-test, figures); other leaves are returned unchanged.
+
+    Raises:
+      ValueError: a leaf is split over devices of other processes (gather it first).
+    """
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if not x.is_fully_replicated:
+            raise ValueError(f"An array of shape {x.shape} sharded as {x.sharding} is split "
+                             "over several processes; it has no local copy.")  # fmt: skip
+        return x.addressable_data(0)
+
+    return jax.tree.map(one, tree)
+
+
+def gather(tree):
+    """Host (numpy) copies of global arrays, each whole, on every process: a collective, so
+    every process must call it."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def simulated_cpu_devices(n: int) -> None:

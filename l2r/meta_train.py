@@ -45,7 +45,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from l2r import metalearner, models, report, rng, training
+from l2r import distributed, metalearner, models, report, rng, training
 from l2r.methods import Batch, make_teacher
 from l2r.methods.learned import build_metalearner, student_step
 
@@ -171,9 +171,15 @@ class MetaTrainer:
             # Episodes split over the devices; on each, its share is vmapped (GSPMD partitions
             # the vmapped axis), and the mean meta-gradient becomes an all-reduce.
             self.chunk = self.cfg.num_episodes_parallel
+        self.inputs = self.place_inputs(self.inputs)
         self.teacher = make_teacher(model, self.lr)
         self._windows = {}
         self.traces = collections.Counter()  # T-BPTT length -> times its window was traced
+
+    def place_inputs(self, inputs: Inputs) -> Inputs:
+        """`inputs` replicated on every device of the mesh, once: left uncommitted, they would
+        be copied to every device at every window. Every process passes the same inputs."""
+        return inputs if self.mesh is None else distributed.replicate(inputs, self.mesh)
 
     # -- episodes ---------------------------------------------------------------------------
 
@@ -231,14 +237,21 @@ class MetaTrainer:
         return where_episodes(done, self._fresh(inp, ids), carried), done, ~alive
 
     def init(self) -> MetaState:
+        """The state before the first window, laid out as the window's outputs are (otherwise
+        the second window compiles again): on a mesh, built by one program whose outputs are
+        already global arrays, so that it works the same with one process or many."""
         e = self.cfg.num_episodes_parallel
-        theta = self.ml.init(rng.key_for(self.seed, "theta"))
-        i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-        episodes = jax.jit(self._fresh)(self.inputs, jnp.arange(e, dtype=jnp.int32))
-        state = MetaState(theta, self.opt.init(theta), episodes, i32(0), i32(e), i32(0), i32(0),
-                          i32(0))  # fmt: skip
-        # Committed like the window's outputs: otherwise the second window compiles again.
-        return jax.device_put(state, self.state_sharding())
+        theta = self.ml.init(rng.key_for(self.seed, "theta"))  # the same on every process
+        if self.mesh is not None:
+            theta = distributed.replicate(theta, self.mesh)
+
+        def build(theta, inputs):
+            i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+            episodes = self._fresh(inputs, jnp.arange(e, dtype=jnp.int32))
+            return MetaState(theta, self.opt.init(theta), episodes, i32(0), i32(e), i32(0),
+                             i32(0), i32(0))  # fmt: skip
+
+        return jax.jit(build, out_shardings=self.state_sharding())(theta, self.inputs)
 
     def state_sharding(self):
         """θ, its optimiser state and the counters replicated, the episodes split over the
@@ -440,12 +453,26 @@ class MetaTrainer:
             idx_b[i] = pool[gen.integers(0, len(pool), (num_steps, self.batch_b))]
         return idx_a, idx_b
 
+    def call_window(self, state: MetaState, idx_a, idx_b, threshold):
+        """Runs the compiled window of `idx_a.shape[1]` steps on host-made batch indices.
+
+        On a mesh each process places only its own episodes' rows of the indices (every
+        process draws them whole: a few hundred kB of integers, so that the data stream does
+        not depend on the number of processes) and `jax.make_array_from_process_local_data`
+        assembles the global arrays.
+        """
+        window = self._window_fn(idx_a.shape[1])
+        threshold = np.asarray(threshold, np.float32)
+        if self.mesh is not None:
+            idx_a, idx_b = distributed.split_rows((idx_a, idx_b), self.mesh)
+            threshold = distributed.replicate(threshold, self.mesh)
+        return window(state, self.inputs, idx_a, idx_b, threshold)
+
     def run_window(self, state: MetaState):
         threshold, s = curriculum(self.cfg, int(state.episodes_done))
-        classes = None if self._whole_task else jax.device_get(state.episodes.classes)
+        classes = None if self._whole_task else distributed.gather(state.episodes.classes)
         idx_a, idx_b = self.batches(int(state.window), s, classes)
-        window = self._window_fn(s)
-        state, metrics = window(state, self.inputs, idx_a, idx_b, jnp.float32(threshold))
+        state, metrics = self.call_window(state, idx_a, idx_b, threshold)
         return state, metrics, threshold, s
 
 

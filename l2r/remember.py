@@ -27,7 +27,17 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from l2r import experiment, forgetting, meta_train, metalearner, pretrain, report, rng, training
+from l2r import (
+    distributed,
+    experiment,
+    forgetting,
+    meta_train,
+    metalearner,
+    pretrain,
+    report,
+    rng,
+    training,
+)
 from l2r import workdir as workdir_lib
 from l2r.data import stream, tasks
 from l2r.experiment import ConfigError, require
@@ -147,6 +157,11 @@ def check_meta(config: ml_collections.ConfigDict) -> None:
     require(m.gate in metalearner.GATES, f"meta.gate={m.gate!r}; choose one of "
             f"{metalearner.GATES}.")  # fmt: skip
     require(m.num_episodes_parallel >= 1, "meta.num_episodes_parallel must be >= 1.")
+    n_dev = jax.device_count()
+    require(not m.get("shard_episodes", True) or m.num_episodes_parallel % n_dev == 0,
+            f"meta.num_episodes_parallel={m.num_episodes_parallel} episodes cannot be split "
+            f"evenly over {n_dev} devices: make it a multiple of {n_dev}, or set "
+            "meta.shard_episodes=False to run them all on one device.")  # fmt: skip
     require(m.episodes >= 1 and m.inner_steps >= 1, "meta.episodes, meta.inner_steps must be >= 1.")
     require(1 <= m.tbptt <= m.tbptt_max, f"meta.tbptt={m.tbptt} must be in [1, tbptt_max].")
     require(m.curriculum_every >= 1, "meta.curriculum_every must be >= 1.")
@@ -228,6 +243,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config, model, train_nets, data_a, data_meta, os.path.join(workdir, "meta"),
             class_table=plan.class_table,
         )  # fmt: skip
+        # The meta-test runs in every process on its own devices.
+        state = state._replace(theta=distributed.local_copy(state.theta))
     meta_s = time.time() - t1
     n_way = config.pools.n_way if "pools" in config else None
     starts, start_s = forgetting.method_starts(config, model, test_nets, data_a, data_meta,

@@ -40,6 +40,7 @@ from matplotlib.figure import Figure
 
 from l2r import (
     cl_metrics,
+    distributed,
     experiment,
     forgetting,
     meta_train,
@@ -92,7 +93,8 @@ class SequentialTrainer(meta_train.MetaTrainer):
         if pair_table.ndim != 3 or pair_table.shape[1] != 2:
             raise ValueError(f"pair_table must be [T, 2, n_way], got {pair_table.shape}.")
         super().__init__(config, model, pretrained, data_1, pool, pair_table[:, 0])
-        self.inputs = self.inputs._replace(class_table=jnp.asarray(pair_table))
+        inputs = self.inputs._replace(class_table=jnp.asarray(pair_table))
+        self.inputs = self.place_inputs(inputs)
         self._whole_task = False
         self.num_classes_1 = int(np.max(np.asarray(data_1.train_labels))) + 1
         self.switch_step = float(config.meta.switch_threshold_step)
@@ -166,15 +168,13 @@ class SequentialTrainer(meta_train.MetaTrainer):
 
     def run_window(self, state):
         threshold, s = meta_train.curriculum(self.cfg, int(state.episodes_done))
-        task = jax.device_get(state.episodes.classes)
+        task = distributed.gather(state.episodes.classes)
         thresholds = np.float32(threshold) + np.float32(self.switch_step) * task.phase
         idx_a, idx_b = self.batches(int(state.window), s, task)
-        state, metrics = self._window_fn(s)(
-            state, self.inputs, idx_a, idx_b, jnp.asarray(thresholds, jnp.float32)
-        )
+        state, metrics = self.call_window(state, idx_a, idx_b, thresholds)
         # From the host copy: the state passed in may have been donated to the window.
-        switched = (task.phase == 0) & (state.episodes.classes.phase == 1)
-        metrics = {**metrics, "switched": switched, "switches": jnp.sum(switched)}
+        switched = (task.phase == 0) & (distributed.gather(state.episodes.classes.phase) == 1)
+        metrics = {**metrics, "switched": switched, "switches": int(switched.sum())}
         return state, metrics, threshold, s
 
 
@@ -337,6 +337,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainer, state, history = meta_train.meta_train(
         config, model, train_nets, data_1, pool, os.path.join(workdir, "meta"), trainer=trainer
     )
+    state = state._replace(theta=distributed.local_copy(state.theta))  # for the meta-test
     meta_s = time.time() - t1
     methods = make_methods(config, model, trainer, state.theta, plan.task_1.num_classes)
     compared = remember.merge_runs([

@@ -179,29 +179,36 @@ def test_two_processes_share_one_global_array_and_process_0_writes(tmp_path):
     assert os.listdir(tmp_path / "tb0") and not os.path.exists(tmp_path / "tb1")
 
 
+def _local_sh(*args, timeout=900):
+    return subprocess.run(["bash", "launch/local.sh", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=clean_env())  # fmt: skip
+
+
 @pytest.mark.slow
-def test_local_sh_runs_smoke_preset_on_4_simulated_devices(tmp_path):
-    workdir = tmp_path / "w"
-    proc = subprocess.run(
-        [
-            "bash",
-            "launch/local.sh",
-            "--cpu_devices=4",
-            "--config=experiments/configs/fig1.py:smoke",
-            f"--workdir={workdir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=clean_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "JAX runtime: process 0 of 1, 4 local / 4 global cpu devices" in proc.stderr
-    with open(workdir / "results.json") as f:
-        results = json.load(f)
-    assert results["experiment"] == "fig1" and results["preset"] == "smoke"
-    assert os.path.exists(workdir / "fig1_task_A.png")
+def test_local_sh_runs_exp1_smoke_on_4_devices_and_on_2_processes_alike(tmp_path):
+    """The README's commands: Exp 1's smoke preset (pre-training, meta-training with episodes
+    split over the devices, meta-test) on 4 simulated devices in one process, and on 2
+    processes of 2 devices joined by jax.distributed; both give the same results."""
+    config = "--config=experiments/configs/exp1.py:smoke"
+    runs = {
+        "one": ["--cpu_devices=4", config, f"--workdir={tmp_path / 'one'}"],
+        "two": ["--processes=2", "--cpu_devices=2", config, f"--workdir={tmp_path / 'two'}"],
+    }
+    results = {}
+    for name, args in runs.items():
+        proc = _local_sh(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runtime = "process 0 of 1, 4 local" if name == "one" else "process 0 of 2, 2 local"
+        assert f"JAX runtime: {runtime} / 4 global cpu devices" in proc.stderr
+        with open(tmp_path / name / "results.json") as f:
+            results[name] = json.load(f)
+        assert os.path.exists(tmp_path / name / "fig7_delta.png")
+    one, two = results["one"], results["two"]
+    assert one["experiment"] == "exp1" and one["preset"] == "smoke"
+    assert list(one["methods"]) == list(two["methods"])
+    for method in one["methods"]:
+        np.testing.assert_allclose(one["methods"][method]["readout_A"],
+                                   two["methods"][method]["readout_A"], atol=1e-6)  # fmt: skip
 
 
 def write_stub(path, body):

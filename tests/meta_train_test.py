@@ -102,7 +102,7 @@ def test_non_finite_loss_never_reaches_theta(setup):
     for leaf in jax.tree.leaves(new_state.theta):
         assert np.all(np.isfinite(np.asarray(leaf)))
     # The broken episode was replaced by a fresh one (a new id, finite weights).
-    assert int(new_state.episodes.id[0]) == 2
+    assert int(new_state.episodes.id[0]) == trainer.cfg.num_episodes_parallel
     assert np.all(np.isfinite(np.asarray(jax.tree.leaves(new_state.episodes.student)[0][0])))
 
 
@@ -189,7 +189,8 @@ def test_n_way_episodes_learn_their_own_classes(setup):
     table = np.array([[2, 0], [1, 2]], np.int32)  # two 2-way tasks of data_b's 3 classes
     trainer = meta_train.MetaTrainer(config, model, pretrained, data_a, data_b, table)
     state = trainer.init()
-    np.testing.assert_array_equal(state.episodes.classes, table[np.arange(2) % 2])
+    e = config.meta.num_episodes_parallel
+    np.testing.assert_array_equal(state.episodes.classes, table[np.arange(e) % 2])
     idx_a, idx_b = trainer.batches(0, 3, np.asarray(state.episodes.classes))
     labels = np.asarray(data_b.train_labels)
     for e, row in enumerate(table):

@@ -32,6 +32,7 @@ from l2r.methods.multitask import HEADS, swap_heads
 @pytest.fixture(scope="module")
 def setup():
     config = exp5.get_config("smoke")
+    config.meta.num_episodes_parallel = 2  # The cases below are written for two episodes.
     plan = sequential.plan_tasks(config)
     mean, std = np.full(1, 0.5, np.float32), np.full(1, 0.25, np.float32)
     data_1 = training.to_device(plan.task_1, mean, std)

@@ -22,6 +22,16 @@ SCRIPT = textwrap.dedent(
     assert jax.device_count() == 4, jax.devices()
     work = sys.argv[1]
     config = exp1.get_config("smoke")
+    # Episodes that cannot be split over the devices: a clear error before any work.
+    from l2r import remember
+    from l2r.experiment import ConfigError
+    bad = config.copy_and_resolve_references()
+    bad.meta.num_episodes_parallel = 6
+    try:
+        remember.check_config(bad)
+        raise AssertionError("6 episodes on 4 devices passed the config check")
+    except ConfigError as e:
+        assert "make it a multiple of 4" in str(e), e
     config.meta.num_episodes_parallel = 4
     config.meta.episodes = 1000
     task_a, task_b, mean, std = forgetting.build_tasks(config)

@@ -97,7 +97,7 @@ def get_config(arg=None):
         c.meta.episodes = 4
         c.meta.max_windows = 4
         c.meta.inner_steps = 4
-        c.meta.num_episodes_parallel = 2
+        c.meta.num_episodes_parallel = 4  # splits over 1, 2 or 4 devices (launch/local.sh)
         c.meta.tbptt = c.meta.tbptt_max = 2
         c.meta.hidden_kernel = c.meta.hidden_vector = 8
     c.pools.disjoint_tasks = True  # An episode's Task 2 and Task 3 share no class (§5.6).

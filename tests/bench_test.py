@@ -1,0 +1,40 @@
+"""The benchmark's yardsticks: PyTorch's ResNet-GN is l2r's, and XLA's FLOP count of a matmul."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import bench
+from l2r import models
+
+
+def test_torch_resnet_gn_is_l2rs():
+    torch = pytest.importorskip("torch")
+    model = models.make_model("resnet", depth=32, widths=(16, 32, 64))
+    key = jax.random.key(0)
+    params = {
+        "backbone": model.init(key, (1, 16, 16, 3)),
+        "head": models.init_head(key, model.representation_dim, 10),
+    }
+    # Non-trivial GroupNorm affines and head bias, so that a swapped or transposed copy shows.
+    gen = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: a + 0.1 * gen.standard_normal(a.shape, np.float32), params)
+    net = bench.torch_resnet_gn(depth=32)
+    assert sum(p.numel() for p in net.parameters()) == bench.num_params(params)
+
+    bench.copy_to_torch(params, net)
+    # 16x16 pads the two stride-2 convs (0, 1), like XLA's 'SAME' and unlike PyTorch's habit.
+    x = gen.standard_normal((2, 16, 16, 3), np.float32)
+    logits = lambda p, x: models.apply_head(p["head"], model.apply(p["backbone"], x).representation)
+    want = np.asarray(jax.jit(logits)(params, x))
+    with torch.no_grad():
+        got = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_xla_flops_of_a_matmul():
+    n = 64
+    a = jnp.ones((n, n), jnp.float32)
+    compiled = jax.jit(jnp.dot).lower(a, a).compile()
+    assert bench.xla_flops(compiled) == 2 * n**3
