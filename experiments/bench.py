@@ -691,12 +691,14 @@ def bench_scaling(device_counts, episodes, preset, tbptt, weak, repeats):
     )
     scaling_tables(results, episodes, tbptt, weak)
     print(
-        f"\nThe simulated devices share this machine's {cores} CPU cores (os.cpu_count()): the "
-        f"speed-up is bounded by {cores}, not by the device count, and past {cores} devices "
-        "these figures measure the cost of partitioning (per-device programs, the all-reduce "
-        "of the meta-gradient), not added compute. A mesh vmaps each device's episodes, which "
+        f"\nThe simulated devices share this machine's {cores} CPU cores (os.cpu_count()), "
+        "which one device already keeps busy (XLA:CPU's intra-op thread pool): simulated "
+        "devices add no compute, so the ideal here is 1.00x at every count, and these figures "
+        "measure the cost of partitioning (per-device programs competing for the same cores, "
+        "the all-reduce of the meta-gradient). A mesh vmaps each device's episodes, which "
         "is slower per episode on CPU than one after another (grouped convs, see the meta "
-        "section); the 'vmapped' row is that layout on one device."
+        "section); the 'vmapped' row is that layout on one device. Real scaling needs real "
+        "devices (GPUs, TPU cores)."
     )
 
 
