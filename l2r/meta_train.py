@@ -37,6 +37,7 @@ import os
 import time
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -175,6 +176,10 @@ class MetaTrainer:
         self.teacher = make_teacher(model, self.lr)
         self._windows = {}
         self.traces = collections.Counter()  # T-BPTT length -> times its window was traced
+        # When set, a window traced more than this many times raises (`chex.assert_max_traces`)
+        # instead of warning: tests set 1 to prove that nothing recompiles after the first.
+        # chex counts traces per call site, across trainers: set it on one trainer a process.
+        self.max_traces: int | None = None
 
     def place_inputs(self, inputs: Inputs) -> Inputs:
         """`inputs` replicated on every device of the mesh, once: left uncommitted, they would
@@ -419,6 +424,8 @@ class MetaTrainer:
         # The window's state is donated (updated in place) on accelerators, where memory is
         # short; not on CPU, where tests and callers reuse a state after a window.
         donate = (0,) if jax.default_backend() != "cpu" else ()
+        if self.max_traces:
+            window = chex.assert_max_traces(window, n=self.max_traces)
         if self.mesh is None:
             fn = jax.jit(window, donate_argnums=donate)
         else:

@@ -44,6 +44,9 @@ SCRIPT = textwrap.dedent(
         c = config.copy_and_resolve_references()
         c.meta.max_windows, c.meta.shard_episodes = windows, shard
         trainer = meta_train.MetaTrainer(c, model, pretrained, data_a, data_b)
+        # chex.assert_max_traces: a second trace of the sharded window raises. (chex counts per
+        # call site across trainers, so only the one sharded trainer here is checked by it.)
+        trainer.max_traces = 1 if shard else None
         return meta_train.meta_train(c, model, pretrained, data_a, data_b, ckpt, trainer)
 
     trainer, sharded, _ = run(3, True, os.path.join(work, "sharded"))
