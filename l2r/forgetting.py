@@ -150,9 +150,12 @@ def method_starts(config, model, pretrained, data_a, data_meta, workdir, n_way=N
 
 
 def compare_methods(
-    config, model, pretrained, task_a, task_b, mean, std, methods, starts=None
+    config, model, pretrained, task_a, task_b, mean, std, methods, starts=None, shard_seeds=True
 ) -> dict:
     """Runs every `Method` of `methods` on Task B over `num_seeds` seeds, probed identically.
+
+    The seeds are split over every device of every process when they divide evenly (and
+    `shard_seeds`); otherwise every process runs them all on its first device.
 
     Every method starts from `pretrained`, or from `starts[name]` where given (see
     `method_starts`), with the same Task-B heads and batches. A method with its own start or a
@@ -165,23 +168,24 @@ def compare_methods(
     streams = run_b.make_streams(
         config, len(task_b.train.labels), len(task_a.train.labels), config.num_seeds
     )
-    data_a = training.to_device(task_a, mean, std)
-    data_b = training.to_device(task_b, mean, std)
+    seeds = training.RunAxis(config.num_seeds, "Task-B seeds", enabled=shard_seeds)
+    data_a = seeds.replicate(training.to_device(task_a, mean, std))
+    data_b = seeds.replicate(training.to_device(task_b, mean, std))
     starts = starts or {}
-    start_of = lambda name: initial_networks(  # noqa: E731
+    start_of = lambda name: seeds.split(initial_networks(  # noqa: E731
         config, starts.get(name, pretrained), task_b.num_classes, model.representation_dim
-    )
+    ))  # fmt: skip
     networks0 = start_of(None)
     sets = run_b.ProbeSets(
-        a=probe_task(task_a, mean, std, config.readout, "probe_a", config.seed),
-        b=probe_task(task_b, mean, std, config.readout, "probe_b", config.seed),
+        a=seeds.replicate(probe_task(task_a, mean, std, config.readout, "probe_a", config.seed)),
+        b=seeds.replicate(probe_task(task_b, mean, std, config.readout, "probe_b", config.seed)),
         cka_size=min(config.readout.cka_size or len(task_a.test.labels), len(task_a.test.labels)),
     )
-    probe_fn = run_b.make_probe(
-        model, experiment.readout_config(config), task_a.num_classes, task_b.num_classes
-    )
+    probe_fn = run_b.make_probe(model, experiment.readout_config(config), task_a.num_classes,
+                                task_b.num_classes, seeds.chunk)  # fmt: skip
     t1 = time.time()
-    initial = probe_fn(networks0, sets)
+    metrics0, ref_rep = probe_fn(networks0, sets)
+    initial = seeds.host(metrics0), ref_rep
     logging.info(
         "Before Task B: readout A %.2f%%, original A %.2f%%",
         100 * float(np.mean(initial[0]["readout_A"])),
@@ -193,7 +197,7 @@ def compare_methods(
         own = method.name in starts or method.represent is not None
         history, train_s, method_probe_s = run_b.run_method(
             method, start_of(method.name) if own else networks0, data_a, data_b, streams,
-            config, probe_fn, sets, None if own else initial,
+            config, probe_fn, sets, None if own else initial, seeds,
         )  # fmt: skip
         histories[method.name] = history
         train_times[method.name] = train_s

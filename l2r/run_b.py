@@ -33,9 +33,17 @@ class ProbeSets(NamedTuple):
     cka_size: int  # CKA uses the first cka_size Task-A test images
 
 
-def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int, num_b: int):
+def make_probe(
+    model: models.Model,
+    readout_cfg: probe.ReadoutConfig,
+    num_a: int,
+    num_b: int,
+    chunk: int | None = None,
+):
     """Returns jitted probe(networks_S, sets, ref_rep_S, represent) -> (metrics {name: [S]},
-    rep_S); `represent` is a method's task-dependent representation (`Method.represent`)."""
+    rep_S); `represent` is a method's task-dependent representation (`Method.represent`).
+    `chunk`: seeds vmapped together (`training.map_seeds`, `probe.fit_readouts`); None: the
+    backend's default."""
 
     @functools.partial(jax.jit, static_argnames=("cka_size", "represent"))
     def run(networks, sets_a, sets_b, ref_rep, cka_size, represent):
@@ -55,6 +63,7 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int
                 "b_test": features(n, sets_b.test_images, sets_b, 1),
             },
             networks,
+            chunk=chunk,
         )
         metrics = {
             "readout_A": probe.readout_accuracies(
@@ -64,6 +73,7 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int
                 sets_a.test_labels,
                 num_a,
                 readout_cfg,
+                chunk,
             ),
             "readout_B": probe.readout_accuracies(
                 rep["b_train"],
@@ -72,6 +82,7 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, num_a: int
                 sets_b.test_labels,
                 num_b,
                 readout_cfg,
+                chunk,
             ),
             "original_A": jax.vmap(
                 lambda n, r: probe.head_accuracy(
@@ -117,8 +128,9 @@ def make_streams(config, n_b: int, n_a: int, num_seeds: int) -> Streams:
     return Streams(idx_b, idx_a, aug_b, aug_a)
 
 
-def make_advance(method: Method):
-    """Jitted (states_S, data_a, data_b, xs) -> (states_S, mean metrics [S]) over one chunk."""
+def make_advance(method: Method, chunk: int | None = None):
+    """Jitted (states_S, data_a, data_b, xs) -> (states_S, mean metrics [S]) over one chunk of
+    steps; `chunk`: seeds vmapped together (`training.map_seeds`)."""
 
     def step(carry, xs):
         state, data_a, data_b = carry
@@ -137,7 +149,8 @@ def make_advance(method: Method):
             (state, _, _), metrics = jax.lax.scan(step, carry, (keys, idx_b, idx_a, aug_b, aug_a))
             return state, jax.tree.map(jnp.mean, metrics)
 
-        return training.map_seeds(one_seed, states, keys, idx_b, idx_a, aug_b, aug_a)
+        return training.map_seeds(one_seed, states, keys, idx_b, idx_a, aug_b, aug_a,
+                                  chunk=chunk)  # fmt: skip
 
     return advance
 
@@ -152,35 +165,40 @@ def run_method(
     probe_fn,
     probe_sets: ProbeSets,
     initial_probe,
+    seeds: training.RunAxis | None = None,
 ):
     """Runs `method` on Task B for every seed, probing every `task_b.probe_every` steps.
 
     Args:
-      networks0: stacked initial networks [S, ...] ({'backbone','head_a','head_b'}).
-      initial_probe: (metrics {name: [S]}, reference CKA representation [S, n, D]) of the
-        networks before Task B, shared by the methods that start from them; None: probe the
-        method's initial states (its own start or representation) and use that.
+      networks0: stacked initial networks [S, ...] ({'backbone','head_a','head_b'}), placed
+        by `seeds`, like `data_a`, `data_b` and `probe_sets` (see `forgetting.compare_methods`).
+      initial_probe: (metrics {name: [S]} on the host, reference CKA representation [S, n, D])
+        of the networks before Task B, shared by the methods that start from them; None: probe
+        the method's initial states (its own start or representation) and use that.
+      seeds: where the seeds run (split over the devices, or not: the default).
 
     Returns:
       ({metric: float array [S, P]} over probe steps 0, probe_every, ..., steps; seconds spent
       training; seconds spent probing).
     """
     cfg = config.task_b
+    seeds = seeds or training.RunAxis(0, enabled=False)
     num_seeds = streams.idx_b.shape[0]
-    base_keys = jnp.stack(
-        [rng.key_for(config.seed, f"task_b_{method.name}", s) for s in range(num_seeds)]
+    base_keys = seeds.split(
+        jnp.stack([rng.key_for(config.seed, f"task_b_{method.name}", s) for s in range(num_seeds)])
     )
     states = jax.jit(
         lambda nets, keys, data_a: training.map_seeds(
-            lambda n, k: method.init(n, data_a, k), nets, keys
+            lambda n, k: method.init(n, data_a, k), nets, keys, chunk=seeds.chunk
         )
     )(networks0, base_keys, data_a)
     if initial_probe is None:
-        initial_probe = probe_fn(
+        metrics0, ref_rep = probe_fn(
             jax.vmap(method.network)(states), probe_sets, None, method.represent
         )
+        initial_probe = seeds.host(metrics0), ref_rep
     metrics0, ref_rep = initial_probe
-    advance = make_advance(method)
+    advance = make_advance(method, seeds.chunk)
     history = {k: [np.asarray(metrics0[k])] for k in METRICS if k in metrics0}
     history["loss"] = [np.full(num_seeds, np.nan)]
     train_s = probe_s = 0.0
@@ -190,22 +208,20 @@ def run_method(
         steps = jnp.arange(start, stop)
         keys = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(base_keys, steps)
         t0 = time.time()
-        states, step_metrics = advance(
-            states,
-            data_a,
-            data_b,
-            keys,
+        xs = seeds.split((
             streams.idx_b[:, start:stop],
             streams.idx_a[:, start:stop] if method.uses_task_a else None,
             training.slice_steps(streams.aug_b, start, stop),
             training.slice_steps(streams.aug_a, start, stop) if method.uses_task_a else None,
-        )
+        ))  # fmt: skip
+        states, step_metrics = advance(states, data_a, data_b, keys, *xs)
         jax.block_until_ready(states)
+        step_metrics = seeds.host(step_metrics)
         t1 = time.time()
         metrics, _ = probe_fn(
             jax.vmap(method.network)(states), probe_sets, ref_rep, method.represent
         )
-        metrics = jax.device_get(metrics)
+        metrics = seeds.host(metrics)
         probe_s += time.time() - t1
         train_s += t1 - t0
         for k in history:

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
+from l2r import distributed
 from l2r.data import stream, tasks
 
 
@@ -105,6 +107,46 @@ def episode_mesh(size: int, enabled: bool = True) -> jax.sharding.Mesh | None:
             f"(e.g. meta.num_episodes_parallel) a multiple of {n}."
         )
     return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class RunAxis:
+    """Where the runs of a parallel axis of `size` (Task-B seeds) live: split over every device
+    of every process when `size` is a multiple of the device count, else on each process's
+    first device (and every process computes them all).
+
+    `split`, `replicate` and `host` move data in and out; with no mesh they change nothing.
+    """
+
+    def __init__(self, size: int, what: str = "runs", enabled: bool = True):
+        n = jax.device_count()
+        self.mesh = None
+        if enabled and n > 1:
+            if size % n == 0:
+                self.mesh = episode_mesh(size)
+            else:
+                logging.info("%d %s do not split evenly over %d devices: each process runs them "
+                             "all on one device.", size, what, n)  # fmt: skip
+        # Runs vmapped together: all of a device's share on a mesh; the backend default otherwise.
+        self.chunk = size if self.mesh is not None else None
+
+    def split(self, whole):
+        """Host or local arrays, the same whole on every process -> split over the runs axis.
+        Typed PRNG keys travel as their key data."""
+        if self.mesh is None:
+            return whole
+        is_key = lambda x: (isinstance(x, jax.Array)  # noqa: E731
+                            and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))  # fmt: skip
+        keys = jax.tree.map(is_key, whole)
+        data = jax.tree.map(lambda x, k: jax.random.key_data(x) if k else x, whole, keys)
+        out = distributed.split_rows(jax.device_get(data), self.mesh)
+        return jax.tree.map(lambda x, k: jax.random.wrap_key_data(x) if k else x, out, keys)
+
+    def replicate(self, tree):
+        return tree if self.mesh is None else distributed.replicate(tree, self.mesh)
+
+    def host(self, tree):
+        """Numpy copies of (possibly split) arrays, whole on every process (a collective)."""
+        return jax.device_get(tree) if self.mesh is None else distributed.gather(tree)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench
+from experiments.bench.common import num_params
+from experiments.bench.flops import xla_flops
+from experiments.bench.torch_ref import copy_to_torch, torch_resnet_gn
 from l2r import models
 
 
@@ -20,10 +22,10 @@ def test_torch_resnet_gn_is_l2rs():
     # Non-trivial GroupNorm affines and head bias, so that a swapped or transposed copy shows.
     gen = np.random.default_rng(0)
     params = jax.tree.map(lambda a: a + 0.1 * gen.standard_normal(a.shape, np.float32), params)
-    net = bench.torch_resnet_gn(depth=32)
-    assert sum(p.numel() for p in net.parameters()) == bench.num_params(params)
+    net = torch_resnet_gn(depth=32)
+    assert sum(p.numel() for p in net.parameters()) == num_params(params)
 
-    bench.copy_to_torch(params, net)
+    copy_to_torch(params, net)
     # 16x16 pads the two stride-2 convs (0, 1), like XLA's 'SAME' and unlike PyTorch's habit.
     x = gen.standard_normal((2, 16, 16, 3), np.float32)
     logits = lambda p, x: models.apply_head(p["head"], model.apply(p["backbone"], x).representation)
@@ -37,4 +39,4 @@ def test_xla_flops_of_a_matmul():
     n = 64
     a = jnp.ones((n, n), jnp.float32)
     compiled = jax.jit(jnp.dot).lower(a, a).compile()
-    assert bench.xla_flops(compiled) == 2 * n**3
+    assert xla_flops(compiled) == 2 * n**3

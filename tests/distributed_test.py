@@ -187,12 +187,12 @@ def _local_sh(*args, timeout=900):
 @pytest.mark.slow
 def test_local_sh_runs_exp1_smoke_on_4_devices_and_on_2_processes_alike(tmp_path):
     """The README's commands: Exp 1's smoke preset (pre-training, meta-training with episodes
-    split over the devices, meta-test) on 4 simulated devices in one process, and on 2
-    processes of 2 devices joined by jax.distributed; both give the same results."""
-    config = "--config=experiments/configs/exp1.py:smoke"
+    split over the devices, meta-test with 4 seeds split likewise) on 4 simulated devices in one
+    process, and on 2 processes of 2 devices joined by jax.distributed: the same results."""
+    config = ["--config=experiments/configs/exp1.py:smoke", "--config.num_seeds=4"]
     runs = {
-        "one": ["--cpu_devices=4", config, f"--workdir={tmp_path / 'one'}"],
-        "two": ["--processes=2", "--cpu_devices=2", config, f"--workdir={tmp_path / 'two'}"],
+        "one": ["--cpu_devices=4", *config, f"--workdir={tmp_path / 'one'}"],
+        "two": ["--processes=2", "--cpu_devices=2", *config, f"--workdir={tmp_path / 'two'}"],
     }
     results = {}
     for name, args in runs.items():

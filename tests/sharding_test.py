@@ -1,6 +1,6 @@
-"""Episodes sharded over 4 simulated CPU devices: the same θ as one device, checkpoints that move
-between device counts, and one compilation per window shape. Each case runs in a subprocess,
-since the device count is fixed when JAX starts."""
+"""4 simulated CPU devices: episodes sharded give the same θ as one device, checkpoints move
+between device counts, one compilation per window shape; Task-B seeds sharded give the same
+histories. Everything runs in a subprocess, since the device count is fixed when JAX starts."""
 
 import os
 import subprocess
@@ -67,6 +67,18 @@ SCRIPT = textwrap.dedent(
 
     # One trace (one compilation) per T-BPTT length, however many windows ran.
     assert dict(trainer.traces) == {config.meta.tbptt: 1}, trainer.traces
+
+    # Task-B seeds split over the 4 devices (runs, probes, readout fits): the same histories.
+    from l2r.methods import make_method
+    c = config.copy_and_resolve_references()
+    c.num_seeds = 4
+    methods = [make_method(m, model, c.task_b) for m in ("sgd", "lwf", "ewc", "teacher")]
+    out = {shard: forgetting.compare_methods(c, model, pretrained, task_a, task_b, mean, std,
+                                             methods, shard_seeds=shard)
+           for shard in (True, False)}
+    for name in ("sgd", "lwf", "ewc", "teacher"):
+        chex.assert_trees_all_close(out[True]["methods"][name], out[False]["methods"][name],
+                                    rtol=1e-4, atol=1e-5)
     print("OK")
     """
 )

@@ -1,0 +1,129 @@
+"""Meta-training: inner steps/s of the T-BPTT layouts, and the compiled memory of a window.
+
+The setup helpers (`_meta_setup`, `_window_seconds`, `_teacher_step`...) serve the flops and
+scaling sections too.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.bench.common import median_seconds
+
+_IMAGE_SHAPES = {"cpu": (28, 28, 1), "smoke": (16, 16, 1)}  # exp1's data: Fashion-MNIST, synthetic
+
+
+def _meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
+    """A MetaTrainer of exp1:<preset>'s model on random uint8 data (rates do not depend on it)."""
+    from experiments.configs import exp1
+    from l2r import forgetting, meta_train, pretrain, training
+
+    config = exp1.get_config(preset)
+    for k, v in overrides.items():
+        config.meta[k] = v
+    model = forgetting.make_model(config)
+    gen = np.random.default_rng(0)
+
+    def task(offset):
+        images = gen.integers(0, 256, (n, *image_shape), dtype=np.uint8)
+        labels = (np.arange(n) % num_classes).astype(np.int32)
+        mean, std = np.full(image_shape[-1], 0.5, np.float32), np.full(image_shape[-1], 0.25)
+        return training.DeviceTask(*map(jnp.asarray, (images, labels, images, labels, mean,
+                                                      std.astype(np.float32))))  # fmt: skip
+
+    data_a, data_b = task(0), task(1)
+    net = pretrain.init_network(model, jax.random.key(0), (1, *image_shape), num_classes)
+    pretrained = jax.tree.map(lambda a: a[None], net)
+    return config, model, meta_train.MetaTrainer(config, model, pretrained, data_a, data_b)
+
+
+def _window_seconds(trainer, s, repeats):
+    state = trainer.init()
+    idx_a, idx_b = trainer.batches(0, s)
+    window = trainer._window_fn(s)
+    thr = jnp.float32(1e9)  # no restarts: every window does the same work
+    run = lambda: window(state, trainer.inputs, idx_a, idx_b, thr)[0]  # noqa: E731
+    return median_seconds(run, repeats)
+
+
+def _teacher_step(trainer):
+    """(step(net, (idx_a [Ba], idx_b [Bb])) -> (net, None), one episode's teacher net): the
+    teacher's SGD step on A∪B, batches gathered from the trainer's device-resident tasks."""
+    from l2r import training
+    from l2r.methods import Batch
+
+    inp = trainer.inputs
+
+    def step(n, i):
+        x_a, y_a = training.gather(inp.data_a, i[0])
+        x_b, y_b = training.gather(inp.data_b, i[1])
+        return trainer.teacher.step(n, Batch(x_b, y_b, x_a, y_a), None)[0], None
+
+    return step, jax.tree.map(lambda a: a[0], trainer.init().episodes.teacher)
+
+
+def _teacher_step_seconds(trainer, repeats, steps=10):
+    step, net = _teacher_step(trainer)
+    idx_a, idx_b = trainer.batches(0, steps)
+    run = jax.jit(lambda net, ia, ib: jax.lax.scan(step, net, (ia, ib))[0])
+    return median_seconds(lambda: run(net, idx_a[0], idx_b[0]), repeats) / steps
+
+
+def bench_meta(repeats):
+    """Meta-training on exp1:cpu's convnet: inner steps/s of both T-BPTT layouts against a teacher
+    SGD step; episodes mapped vs vmapped. (`main` follows it with `bench_memory`.)"""
+    reps = max(2, repeats // 2)
+    e, s = 4, 5
+    print(f"\n## Meta-training rate, exp1:cpu convnet, {e} episodes, T-BPTT {s}, second order\n")
+    print("| variant | s/window | inner steps/s | inner step vs teacher SGD step |")
+    print("|---|---|---|---|")
+    rows, teacher = {}, None
+    variants = (
+        ("meta-update every inner step (Alg. 1), episodes mapped", dict(update_every_step=True)),
+        ("one meta-update per window, episodes mapped", dict(update_every_step=False)),
+        ("one meta-update per window, episodes vmapped", dict(update_every_step=False,
+                                                               episode_chunk=e)),
+    )  # fmt: skip
+    for name, over in variants:
+        _, _, trainer = _meta_setup("cpu", dict(num_episodes_parallel=e, **over), (28, 28, 1))
+        if teacher is None:
+            teacher = _teacher_step_seconds(trainer, repeats)
+        rows[name] = _window_seconds(trainer, s, reps)
+    for name, sec in rows.items():
+        per_step = sec / (e * s)
+        print(f"| {name} | {sec:.2f} | {1 / per_step:.1f} | {per_step / teacher:.1f}x |")
+    print(f"| teacher SGD step (batch 64 A + 64 B), for reference | | {1 / teacher:.1f} | 1x |")
+    mapped = rows["one meta-update per window, episodes mapped"]
+    vmapped = rows["one meta-update per window, episodes vmapped"]
+    print(f"\nEpisodes vmapped / mapped (time): {vmapped / mapped:.2f}x")
+
+
+def _window_memory(preset, steps, overrides):
+    """XLA's memory analysis of the compiled `steps`-step window of exp1:<preset>'s net."""
+    _, _, trainer = _meta_setup(preset, overrides, _IMAGE_SHAPES[preset])
+    state = trainer.init()
+    idx_a, idx_b = trainer.batches(0, steps)
+    window = trainer._window_fn(steps)
+    return window.lower(state, trainer.inputs, idx_a, idx_b, jnp.float32(1e9)).compile()
+
+
+def bench_memory(tbptt_rows, episode_rows):
+    """Compiled memory of one window (exp1:smoke net, Alg. 1's meta-update every inner step)
+    against T-BPTT length (2 episodes), episode length, and episodes in flight (T-BPTT 5)."""
+    print("\n## Compiled memory of one window (exp1:smoke net; XLA's memory analysis)\n")
+    print("| T-BPTT steps | episode length | episodes | temp MiB | argument MiB | output MiB |")
+    print("|---|---|---|---|---|---|")
+    rows = [(s, 500, 2) for s in tbptt_rows] + [(5, 2000, 2)]
+    rows += [(5, 500, e) for e in episode_rows if (5, 500, e) not in rows]
+    mib = lambda b: b / 2**20  # noqa: E731
+    for steps, length, eps in rows:
+        over = dict(num_episodes_parallel=eps, inner_steps=length, update_every_step=True)
+        mem = _window_memory("smoke", steps, over).memory_analysis()
+        print(
+            f"| {steps} | {length} | {eps} | {mib(mem.temp_size_in_bytes):.2f} | "
+            f"{mib(mem.argument_size_in_bytes):.2f} | {mib(mem.output_size_in_bytes):.2f} |"
+        )
+    print(
+        "\nA call holds its arguments, its outputs and the temp block at once. (XLA:CPU's "
+        "`peak_memory_in_bytes` comes out below the temp size alone, so it is not shown.)"
+    )
