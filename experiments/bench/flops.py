@@ -5,11 +5,11 @@ import jax.numpy as jnp
 
 from experiments.bench.common import median_seconds
 from experiments.bench.meta import (
-    _IMAGE_SHAPES,
-    _meta_setup,
-    _teacher_step,
-    _teacher_step_seconds,
-    _window_seconds,
+    IMAGE_SHAPES,
+    meta_setup,
+    teacher_step,
+    teacher_step_seconds,
+    window_seconds,
 )
 from experiments.bench.sgd import sgd_problem
 
@@ -43,24 +43,24 @@ def bench_flops(depth, batch, n, episodes, tbptt, repeats):
     rows[f"ResNet-{depth}-GN SGD step, batch {batch}, 32x32x3"] = xla_flops(sgd), sgd_seconds
 
     over = dict(num_episodes_parallel=episodes, update_every_step=False)
-    _, _, trainer = _meta_setup("cpu", over, _IMAGE_SHAPES["cpu"])
-    teacher, net = _teacher_step(trainer)
+    _, _, trainer = meta_setup("cpu", over, IMAGE_SHAPES["cpu"])
+    teacher, net = teacher_step(trainer)
     idx_a, idx_b = trainer.batches(0, 1)
     one = jax.jit(teacher).lower(net, (idx_a[0, 0], idx_b[0, 0])).compile()
     rows["teacher SGD step, exp1:cpu convnet, batch 64 A + 64 B (in a scan)"] = (
         xla_flops(one),
-        _teacher_step_seconds(trainer, repeats),
+        teacher_step_seconds(trainer, repeats),
     )
 
     # The window loops over episodes and steps, whose bodies XLA counts once: count a
     # 1-episode, 1-step window (loop-free) and scale by episodes x steps.
-    _, _, single = _meta_setup("cpu", dict(over, num_episodes_parallel=1), _IMAGE_SHAPES["cpu"])
+    _, _, single = meta_setup("cpu", dict(over, num_episodes_parallel=1), IMAGE_SHAPES["cpu"])
     ia, ib = single.batches(0, 1)
     lowered = single._window_fn(1).lower(single.init(), single.inputs, ia, ib, jnp.float32(1e9))
     name = f"meta-training window, exp1:cpu convnet, {episodes} episodes x {tbptt} steps"
     rows[name + ", one meta-update, second order"] = (
         episodes * tbptt * xla_flops(lowered.compile()),
-        _window_seconds(trainer, tbptt, max(2, repeats // 2)),
+        window_seconds(trainer, tbptt, max(2, repeats // 2)),
     )
 
     peak = rows[peak_name][0] / rows[peak_name][1]

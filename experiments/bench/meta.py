@@ -1,6 +1,6 @@
 """Meta-training: inner steps/s of the T-BPTT layouts, and the compiled memory of a window.
 
-The setup helpers (`_meta_setup`, `_window_seconds`, `_teacher_step`...) serve the flops and
+The setup helpers (`meta_setup`, `window_seconds`, `teacher_step`...) serve the flops and
 scaling sections too.
 """
 
@@ -10,10 +10,10 @@ import numpy as np
 
 from experiments.bench.common import median_seconds
 
-_IMAGE_SHAPES = {"cpu": (28, 28, 1), "smoke": (16, 16, 1)}  # exp1's data: Fashion-MNIST, synthetic
+IMAGE_SHAPES = {"cpu": (28, 28, 1), "smoke": (16, 16, 1)}  # exp1's data: Fashion-MNIST, synthetic
 
 
-def _meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
+def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
     """A MetaTrainer of exp1:<preset>'s model on random uint8 data (rates do not depend on it)."""
     from experiments.configs import exp1
     from l2r import forgetting, meta_train, pretrain, training
@@ -37,7 +37,7 @@ def _meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
     return config, model, meta_train.MetaTrainer(config, model, pretrained, data_a, data_b)
 
 
-def _window_seconds(trainer, s, repeats):
+def window_seconds(trainer, s, repeats):
     state = trainer.init()
     idx_a, idx_b = trainer.batches(0, s)
     window = trainer._window_fn(s)
@@ -46,7 +46,7 @@ def _window_seconds(trainer, s, repeats):
     return median_seconds(run, repeats)
 
 
-def _teacher_step(trainer):
+def teacher_step(trainer):
     """(step(net, (idx_a [Ba], idx_b [Bb])) -> (net, None), one episode's teacher net): the
     teacher's SGD step on A∪B, batches gathered from the trainer's device-resident tasks."""
     from l2r import training
@@ -62,8 +62,8 @@ def _teacher_step(trainer):
     return step, jax.tree.map(lambda a: a[0], trainer.init().episodes.teacher)
 
 
-def _teacher_step_seconds(trainer, repeats, steps=10):
-    step, net = _teacher_step(trainer)
+def teacher_step_seconds(trainer, repeats, steps=10):
+    step, net = teacher_step(trainer)
     idx_a, idx_b = trainer.batches(0, steps)
     run = jax.jit(lambda net, ia, ib: jax.lax.scan(step, net, (ia, ib))[0])
     return median_seconds(lambda: run(net, idx_a[0], idx_b[0]), repeats) / steps
@@ -85,10 +85,10 @@ def bench_meta(repeats):
                                                                episode_chunk=e)),
     )  # fmt: skip
     for name, over in variants:
-        _, _, trainer = _meta_setup("cpu", dict(num_episodes_parallel=e, **over), (28, 28, 1))
+        _, _, trainer = meta_setup("cpu", dict(num_episodes_parallel=e, **over), (28, 28, 1))
         if teacher is None:
-            teacher = _teacher_step_seconds(trainer, repeats)
-        rows[name] = _window_seconds(trainer, s, reps)
+            teacher = teacher_step_seconds(trainer, repeats)
+        rows[name] = window_seconds(trainer, s, reps)
     for name, sec in rows.items():
         per_step = sec / (e * s)
         print(f"| {name} | {sec:.2f} | {1 / per_step:.1f} | {per_step / teacher:.1f}x |")
@@ -98,9 +98,9 @@ def bench_meta(repeats):
     print(f"\nEpisodes vmapped / mapped (time): {vmapped / mapped:.2f}x")
 
 
-def _window_memory(preset, steps, overrides):
+def window_memory(preset, steps, overrides):
     """XLA's memory analysis of the compiled `steps`-step window of exp1:<preset>'s net."""
-    _, _, trainer = _meta_setup(preset, overrides, _IMAGE_SHAPES[preset])
+    _, _, trainer = meta_setup(preset, overrides, IMAGE_SHAPES[preset])
     state = trainer.init()
     idx_a, idx_b = trainer.batches(0, steps)
     window = trainer._window_fn(steps)
@@ -118,7 +118,7 @@ def bench_memory(tbptt_rows, episode_rows):
     mib = lambda b: b / 2**20  # noqa: E731
     for steps, length, eps in rows:
         over = dict(num_episodes_parallel=eps, inner_steps=length, update_every_step=True)
-        mem = _window_memory("smoke", steps, over).memory_analysis()
+        mem = window_memory("smoke", steps, over).memory_analysis()
         print(
             f"| {steps} | {length} | {eps} | {mib(mem.temp_size_in_bytes):.2f} | "
             f"{mib(mem.argument_size_in_bytes):.2f} | {mib(mem.output_size_in_bytes):.2f} |"

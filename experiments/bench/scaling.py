@@ -11,7 +11,7 @@ import sys
 
 import jax
 
-from experiments.bench.meta import _IMAGE_SHAPES, _meta_setup, _window_seconds
+from experiments.bench.meta import IMAGE_SHAPES, meta_setup, window_seconds
 
 _LAYOUTS = {
     "mapped": "one after another (the CPU default)",
@@ -33,9 +33,9 @@ def scaling_worker(devices, episodes, preset, tbptt, weak, repeats):
         configs.append((2 * devices, None))
     for e, chunk in configs:
         over = dict(num_episodes_parallel=e, update_every_step=False, episode_chunk=chunk or 0)
-        _, _, trainer = _meta_setup(preset, over, _IMAGE_SHAPES[preset])
+        _, _, trainer = meta_setup(preset, over, IMAGE_SHAPES[preset])
         layout = "sharded" if trainer.mesh is not None else "vmapped" if chunk else "mapped"
-        sec = _window_seconds(trainer, tbptt, max(2, repeats // 2))
+        sec = window_seconds(trainer, tbptt, max(2, repeats // 2))
         line = dict(devices=jax.device_count(), episodes=e, layout=layout, seconds=sec)
         print(json.dumps(line), flush=True)
 
