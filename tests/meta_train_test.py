@@ -151,7 +151,11 @@ def test_exp1_smoke_pipeline_writes_every_artefact(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["methods"]) == {"sgd", "sgd_x0.1", "teacher", "learned"}
-    assert len(saved["meta"]["loss"]) == config.meta.max_windows
+    # Meta-training stopped by its own rule: the window budget, or enough finished episodes.
+    history = saved["meta"]
+    finished = history["episodes_done"][-1] >= config.meta.episodes
+    assert len(history["loss"]) == config.meta.max_windows or finished, history
+    assert len(history["loss"]) <= config.meta.max_windows
     assert results["steps"][-1] == config.task_b.steps
 
 
