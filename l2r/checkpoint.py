@@ -35,7 +35,7 @@ def _all_devices() -> jax.sharding.NamedSharding:
 def save(path: str, tree, meta: dict | None = None) -> None:
     path = os.path.abspath(path)
     if jax.process_count() > 1:
-        tree = distributed.host_local_to_global(jax.device_get(tree), _all_devices().mesh)
+        tree = distributed.replicate(tree, _all_devices().mesh)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, tree)
     checkpointer.wait_until_finished()

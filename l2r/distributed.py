@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class Launch(NamedTuple):
@@ -229,8 +230,6 @@ def gather(tree):
     every process must call it."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
     return multihost_utils.process_allgather(tree, tiled=True)
 
 

@@ -144,30 +144,36 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_processes_share_one_global_array_and_process_0_writes(tmp_path):
+def run_processes(code: str, *argv: str, num: int = 2, timeout: float = 120) -> list[str]:
+    """Runs `python -c code argv...` as `num` processes joined by jax.distributed (the L2R_*
+    launch variables, a coordinator on a free local port); returns their stdouts, in rank
+    order, after checking that each exited 0."""
     with socket.socket() as s:  # A port free now (and very likely still free below).
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = clean_env(
-        L2R_COORDINATOR=f"localhost:{port}",
-        L2R_NUM_PROCESSES="2",
-        PYTHONPATH=ROOT,
+        L2R_COORDINATOR=f"localhost:{port}", L2R_NUM_PROCESSES=str(num), PYTHONPATH=ROOT
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path)],
+            [sys.executable, "-c", code, *argv],
             env={**env, "L2R_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
         )
-        for i in range(2)
+        for i in range(num)
     ]
-    outs = [p.communicate(timeout=120) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"process {i}: " + err[-4000:]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_share_one_global_array_and_process_0_writes(tmp_path):
+    outs = run_processes(WORKER, str(tmp_path))
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     assert [r["main"] for r in reports] == [True, False]
     assert reports[1]["runtime"] == "process 1 of 2, 2 local / 4 global cpu devices"
     for r in reports:

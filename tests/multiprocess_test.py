@@ -4,14 +4,13 @@ the checkpoints two processes wrote restore in one process and continue identica
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from distributed_test import ROOT, clean_env
+from distributed_test import ROOT, clean_env, run_processes
 
 COMMON = """
 import os, sys
@@ -71,32 +70,12 @@ SINGLE = COMMON + textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_meta_train_like_one_and_checkpoints_move(tmp_path):
     work = str(tmp_path)
-    env = clean_env(
-        L2R_COORDINATOR=f"localhost:{_free_port()}", L2R_NUM_PROCESSES="2", PYTHONPATH=ROOT
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, work, "2"],
-            env={**env, "L2R_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0 and f"OK {i}" in out, err[-4000:]
+    outs = run_processes(WORKER, work, "2", timeout=900)
+    for i, out in enumerate(outs):
+        assert f"OK {i}" in out, out[-2000:]
     assert os.path.exists(os.path.join(work, "multi_theta.npz"))
 
     single = subprocess.run(
