@@ -10,6 +10,7 @@ once, collectively (every process must call it); `restore` reads them back repli
 however many processes and devices there are now, and hands each process its local copy.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -25,6 +26,18 @@ from jax.experimental import multihost_utils
 from l2r import distributed
 
 META_FILE = "l2r_meta.json"
+
+
+def digest(arrays) -> str:
+    """SHA-256 of a sequence of arrays (or of a pytree's leaves): dtypes, shapes and bytes.
+
+    The key of cached stage outputs that depend on data or on networks by content."""
+    h = hashlib.sha256()
+    for a in jax.tree.leaves(arrays):
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _all_devices() -> jax.sharding.NamedSharding:
@@ -79,6 +92,13 @@ def _read_meta(path: str) -> dict:
         return json.load(f)
 
 
+def _describe(meta: dict) -> str:
+    parts = [f"{k} {v:.4g}" for k, v in meta.items() if k != "test_accuracy"]
+    if "test_accuracy" in meta:
+        parts.insert(0, f"Task-A test accuracy {100 * meta['test_accuracy']:.2f}%")
+    return ", ".join(parts)
+
+
 def cached_networks(
     root: str,
     count: int,
@@ -93,11 +113,13 @@ def cached_networks(
         networks, so a changed recipe never reuses stale checkpoints).
       count: how many networks.
       group_size: missing networks trained together per `train` call.
-      train: ids -> one (network, metadata) pair per id; metadata must hold "test_accuracy".
+      train: ids -> one (network, metadata) pair per id; metadata holds "test_accuracy" (Task A)
+        where the recipe measures one.
       what: a name for the log lines ("Pre-trained", "HAT", ...).
 
     Returns:
-      (networks stacked [count, ...], test accuracies [count], seconds spent training).
+      (networks stacked [count, ...], test accuracies [count] (NaN where not measured), seconds
+       spent training).
     """
     paths = [os.path.join(root, f"ckpt_{i}") for i in range(count)]
     found = np.array([exists(p) for p in paths])
@@ -109,16 +131,13 @@ def cached_networks(
         ids = missing[start : start + group_size]
         for i, (net, meta) in zip(ids, train(ids), strict=True):
             save(paths[i], net, meta)
-            extra = ", ".join(f"{k} {v:.4g}" for k, v in meta.items() if k != "test_accuracy")
-            logging.info("%s checkpoint %d: Task-A test accuracy %.2f%% (%s)", what, i,
-                         100 * meta["test_accuracy"], extra)  # fmt: skip
+            logging.info("%s checkpoint %d: %s", what, i, _describe(meta))
     train_s = time.time() - t0
     nets, accs = [], []
     for i, p in enumerate(paths):
         net, meta = restore(p)
         nets.append(net)
-        accs.append(meta["test_accuracy"])
+        accs.append(meta.get("test_accuracy", np.nan))
         if i not in missing:
-            logging.info("Reusing %s checkpoint %s (Task-A test accuracy %.2f%%)", what, p,
-                         100 * accs[-1])  # fmt: skip
+            logging.info("Reusing %s checkpoint %s (%s)", what, p, _describe(meta))
     return jax.tree.map(lambda *a: jnp.stack(a), *nets), np.asarray(accs), train_s

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from l2r import experiment, models, pretrain, report, rng, run_b, training
+from l2r import checkpoint, experiment, models, pretrain, report, rng, run_b, training
 from l2r import workdir as workdir_lib
 from l2r.data import tasks
 from l2r.experiment import ConfigError, require
@@ -143,14 +143,23 @@ def method_starts(config, model, pretrained, data_a, data_meta, workdir, n_way=N
                                                             workdir)  # fmt: skip
     if "oml" in names:
         key = rng.key_for(config.seed, "oml")
-        starts["oml"], _, seconds["oml"] = oml.meta_train_oml(
-            config, model, pretrained, data_a, data_meta, key, n_way=n_way
-        )
+        starts["oml"], seconds["oml"] = oml.oml_starts(config, model, pretrained, data_meta, key,
+                                                       workdir, n_way)  # fmt: skip
     return starts, seconds
 
 
 def compare_methods(
-    config, model, pretrained, task_a, task_b, mean, std, methods, starts=None, shard_seeds=True
+    config,
+    model,
+    pretrained,
+    task_a,
+    task_b,
+    mean,
+    std,
+    methods,
+    starts=None,
+    shard_seeds=True,
+    cache_dir=None,
 ) -> dict:
     """Runs every `Method` of `methods` on Task B over `num_seeds` seeds, probed identically.
 
@@ -162,8 +171,12 @@ def compare_methods(
     task-dependent representation (`Method.represent`) gets its own step-0 probe, which is
     also its CKA reference.
 
+    With a `cache_dir`, each method's histories are saved there as `<name>-<key>.npz`
+    (`run_b.history_key`) and reused by a later call with the same key.
+
     Returns:
-      {"methods": {name: {metric: [S, P]}}, "steps", "seeds", "timing": {"task_b_s", "probe_s"}}.
+      {"methods": {name: {metric: [S, P]}}, "steps", "seeds",
+       "timing": {"task_b_s", "probe_s", "task_b_reused": names read from `cache_dir`}}.
     """
     streams = run_b.make_streams(
         config, len(task_b.train.labels), len(task_a.train.labels), config.num_seeds
@@ -192,21 +205,35 @@ def compare_methods(
         100 * float(np.mean(initial[0]["original_A"])),
     )
     probe_s = time.time() - t1
-    histories, train_times = {}, {}
+    histories, train_times, reused = {}, {}, []
+    if cache_dir is not None:
+        splits = [(t.train.images, t.train.labels, t.test.images, t.test.labels)
+                  for t in (task_a, task_b)]  # fmt: skip
+        data_digest = checkpoint.digest([mean, std, splits])
     for method in methods:
         own = method.name in starts or method.represent is not None
-        history, train_s, method_probe_s = run_b.run_method(
-            method, start_of(method.name) if own else networks0, data_a, data_b, streams,
-            config, probe_fn, sets, None if own else initial, seeds,
+        path = None
+        if cache_dir is not None:
+            key = run_b.history_key(config, method, starts.get(method.name, pretrained),
+                                    data_digest)  # fmt: skip
+            path = os.path.join(cache_dir, f"{method.name}-{key}.npz")
+        history, train_s, method_probe_s, was_cached = run_b.cached_history(
+            path,
+            lambda method=method, own=own: run_b.run_method(
+                method, start_of(method.name) if own else networks0, data_a, data_b, streams,
+                config, probe_fn, sets, None if own else initial, seeds,
+            ),
         )  # fmt: skip
         histories[method.name] = history
         train_times[method.name] = train_s
         probe_s += method_probe_s
+        if was_cached:
+            reused.append(method.name)
     return {
         "steps": list(range(0, config.task_b.steps + 1, config.task_b.probe_every)),
         "seeds": list(range(config.num_seeds)),
         "methods": histories,
-        "timing": {"task_b_s": train_times, "probe_s": probe_s},
+        "timing": {"task_b_s": train_times, "probe_s": probe_s, "task_b_reused": reused},
     }
 
 
@@ -224,7 +251,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     starts, start_s = method_starts(config, model, pretrained, data_a, None, workdir)
     methods = [make_method(n, model, config.task_b) for n in config.task_b.methods]
     compared = compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods,
-                               starts)  # fmt: skip
+                               starts, cache_dir=os.path.join(workdir, "task_b"))  # fmt: skip
     results = {
         "experiment": config.experiment,
         "preset": config.preset,

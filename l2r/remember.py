@@ -123,6 +123,7 @@ def merge_runs(parts: list[dict]) -> dict:
     timing = {
         "task_b_s": {n: sum(p["timing"]["task_b_s"][n] for p in parts) for n in methods},
         "probe_s": sum(p["timing"]["probe_s"] for p in parts),
+        "task_b_reused": sorted({n for p in parts for n in p["timing"].get("task_b_reused", ())}),
     }
     return {"steps": first["steps"], "seeds": list(range(runs)), "methods": methods,
             "timing": timing}  # fmt: skip
@@ -258,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             methods.append(make_method(name, model, config.task_b))
     compared = merge_runs([
         forgetting.compare_methods(config, model, test_nets, task_a, task, mean, std, methods,
-                                   starts)
+                                   starts, cache_dir=os.path.join(workdir, "task_b"))
         for task in plan.meta_test
     ])  # fmt: skip
     results = {

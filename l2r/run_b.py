@@ -5,17 +5,27 @@ streams, run in chunks of `probe_every` steps (one compiled call each, the same 
 time, so one compilation) with a probe between chunks. Every method sees exactly the same
 batches, head-B initialisation and pre-trained network for a given seed, so differences between
 methods are the methods'.
+
+A method's probe histories are cached in the workdir (`cached_history`), keyed by everything
+that determines them, so an interrupted comparison of many methods resumes at the first method
+that had not finished, and adding a method to a finished run costs only that method.
 """
 
 import functools
+import hashlib
+import json
+import os
+import pathlib
 import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
-from l2r import models, probe, report, rng, training
+from l2r import checkpoint, distributed, models, probe, report, rng, training
 from l2r.data import stream
 from l2r.methods import Batch, Method
 
@@ -234,3 +244,65 @@ def run_method(
             readout_A=float(np.mean(metrics["readout_A"])),
         )
     return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s
+
+
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 of the l2r package's Python sources: cached results are reused by the same code
+    only."""
+    root = pathlib.Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def history_key(config, method: Method, start, data_digest: str) -> str:
+    """Hash of everything a method's Task-B histories depend on: its name and `params`, its
+    starting networks, the data (`data_digest`: both tasks and their normalisation, by
+    content), the seeds, the `task_b`, `readout` and `model` config groups, and the code."""
+    task_b = {k: v for k, v in config.task_b.to_dict().items() if k != "methods"}
+    blob = {
+        "method": method.name,
+        "params": None if method.params is None else checkpoint.digest(method.params),
+        "start": checkpoint.digest(start),
+        "data": data_digest,
+        "augment": config.data.augment,
+        "seed": config.seed,
+        "num_seeds": config.num_seeds,
+        "task_b": task_b,
+        "readout": config.readout.to_dict(),
+        "model": config.model.to_dict(),
+        "code": code_digest(),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cached_history(path: str | None, run):
+    """`run()` -> (history, train_s, probe_s) of `run_method`, saved to `path` (.npz), or read
+    from it when a finished file is there; `path` None: no cache. Process 0 writes (through a
+    temporary name, so a killed run leaves no half file); every process reads.
+
+    Returns:
+      (history, train_s, probe_s, reused: whether they were read from `path`).
+    """
+    if path is None:
+        return (*run(), False)
+    found = np.asarray(os.path.exists(path))
+    if jax.process_count() > 1:  # One decision for all processes: they run collectives.
+        found = multihost_utils.broadcast_one_to_all(found)
+    if found:
+        with np.load(path) as f:
+            history = {k: f[k] for k in f.files if not k.startswith("_")}
+            train_s, probe_s = float(f["_train_s"]), float(f["_probe_s"])
+        logging.info("Reusing the Task-B histories in %s (trained for %.0f s then).", path,
+                     train_s)  # fmt: skip
+        return history, train_s, probe_s, True
+    history, train_s, probe_s = run()
+    if distributed.is_main():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **history, _train_s=train_s, _probe_s=probe_s)
+        os.replace(tmp, path)
+    return history, train_s, probe_s, False

@@ -2,18 +2,22 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from experiments.configs import fig1
-from l2r import forgetting
+from l2r import forgetting, metalearner, models, run_b
 from l2r import workdir as workdir_lib
 from l2r.data.sources import DataError
 from l2r.experiment import ConfigError
+from l2r.methods import make_sgd
+from l2r.methods.learned import make_learned
 
 
 def smoke_config(**overrides):
@@ -67,17 +71,64 @@ def test_smoke_run_writes_every_artefact(smoke_run):
 
 def test_same_seed_same_numbers_and_checkpoints_are_reused(smoke_run, tmp_path):
     workdir, first = smoke_run
-    # Same workdir, --overwrite: the pre-trained checkpoint is found and reused.
+    assert first["timing"]["task_b_reused"] == []
+    # Same workdir, --overwrite: the pre-trained checkpoint and every method's Task-B histories
+    # are found and reused.
     again = run_locked(smoke_config(), workdir, overwrite=True)
     assert again["timing"]["pretrain_s"] < 1.0
+    assert again["timing"]["task_b_reused"] == ["sgd", "sgd_x0.1", "teacher"]
     # Fresh workdir: everything recomputed from the seed.
     fresh = run_locked(smoke_config(), tmp_path / "fresh")
+    assert fresh["timing"]["task_b_reused"] == []
     for other in (again, fresh):
         for name, metrics in first["methods"].items():
             for metric, values in metrics.items():
                 np.testing.assert_array_equal(
                     values, other["methods"][name][metric], err_msg=f"{name}/{metric}"
                 )
+
+
+def test_task_b_cache_is_keyed_by_what_shapes_the_histories(smoke_run, tmp_path):
+    workdir, first = smoke_run
+    shutil.copytree(workdir, tmp_path / "w")
+    cache = tmp_path / "w" / "task_b"
+    assert len(os.listdir(cache)) == 3 and not any(f.endswith(".tmp") for f in os.listdir(cache))
+    # An added method runs alone; the others come from the cache.
+    more = run_locked(smoke_config(**{"task_b.methods": ("sgd", "sgd_x0.3")}), tmp_path / "w",
+                      overwrite=True)  # fmt: skip
+    assert more["timing"]["task_b_reused"] == ["sgd"]
+    np.testing.assert_array_equal(more["methods"]["sgd"]["readout_A"],
+                                  first["methods"]["sgd"]["readout_A"])  # fmt: skip
+    # A changed Task-B setting, readout or seed count misses the cache.
+    for change in ({"task_b.learning_rate": 0.05}, {"readout.steps": 7}, {"num_seeds": 1}):
+        other = run_locked(smoke_config(**change, **{"task_b.methods": ("sgd",)}), tmp_path / "w",
+                           overwrite=True)  # fmt: skip
+        assert other["timing"]["task_b_reused"] == [], change
+
+
+def test_cache_key_follows_the_start_the_data_and_the_learned_rule():
+    config = smoke_config()
+    model = models.make_model("convnet", widths=(4,), groups=2, hidden=4)
+    start = {"w": np.zeros(3, np.float32)}
+    sgd = make_sgd(model, 0.1, "sgd")
+    key = run_b.history_key(config, sgd, start, "data")
+    assert key == run_b.history_key(config, sgd, start, "data")
+    assert key != run_b.history_key(config, sgd, {"w": np.ones(3, np.float32)}, "data")
+    assert key != run_b.history_key(config, sgd, start, "other data")
+    # The learned rule: another θ, learning rate or gate is another key.
+    params = model.init(jax.random.key(0), (1, 8, 8, 1))
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    taps = model.apply(params, x, taps=True).taps
+    ml = metalearner.make(params, taps)
+    theta = ml.init(jax.random.key(1))
+    learned = [
+        make_learned(model, ml, theta, 0.1),
+        make_learned(model, ml, jax.tree.map(lambda a: a + 1, theta), 0.1),
+        make_learned(model, ml, theta, 0.2),
+        make_learned(model, metalearner.make(params, taps, metalearner.Config(gate="exp")),
+                     theta, 0.1),
+    ]  # fmt: skip
+    assert len({run_b.history_key(config, m, start, "data") for m in learned}) == 4
 
 
 def test_different_seed_different_numbers(smoke_run, tmp_path):

@@ -189,6 +189,36 @@ def test_meta_training_lowers_the_query_loss_and_is_deterministic(data):
     assert not np.allclose(leaves(other["backbone"]), leaves(nets["backbone"]))
 
 
+def test_oml_starts_are_cached_per_checkpoint(data, tmp_path, monkeypatch):
+    data_a, data_m = data
+    config, model = tiny_config(), tiny_model()
+    config.task_b.oml.outer_steps = 4
+    nets0 = pretrained(model)
+    key = jax.random.key(3)
+    direct, _, _ = oml.meta_train_oml(config, model, nets0, data_a, data_m, key)
+    # Checkpoint 1 trained alone (ids=[1]) is checkpoint 1 of the whole run.
+    second = jax.tree.map(lambda a: a[1:], nets0)
+    alone, _, _ = oml.meta_train_oml(config, model, second, data_a, data_m, key, ids=[1])
+    chex.assert_trees_all_close(alone, jax.tree.map(lambda a: a[1:], direct), atol=1e-6)
+
+    config.pretrain.seeds_per_call = 1
+    starts, seconds = oml.oml_starts(config, model, nets0, data_m, key, str(tmp_path))
+    chex.assert_trees_all_close(starts, direct, atol=1e-6)
+    root = tmp_path / "pretrain" / f"oml-{oml.fingerprint(config, nets0, data_m, None)}"
+    assert sorted(os.listdir(root)) == ["ckpt_0", "ckpt_1"] and seconds > 0
+
+    # A second call reads the checkpoints back and trains nothing.
+    monkeypatch.setattr(oml, "meta_train_oml", lambda *a, **k: pytest.fail("retrained"))
+    again, seconds = oml.oml_starts(config, model, nets0, data_m, key, str(tmp_path))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, again), jax.tree.map(np.asarray, starts))
+    assert seconds < 1e-3
+    # Other starting networks or another recipe: another folder.
+    moved = jax.tree.map(lambda a: a + 1e-3, nets0)
+    assert f"oml-{oml.fingerprint(config, moved, data_m, None)}" != root.name
+    config.task_b.oml.inner_lr = 0.2
+    assert f"oml-{oml.fingerprint(config, nets0, data_m, None)}" != root.name
+
+
 def test_n_way_outer_steps_use_a_narrower_readout(data):
     data_a, data_m = data
     config, model = tiny_config(), tiny_model()

@@ -38,3 +38,6 @@ class Method(NamedTuple):
     uses_task_a: bool = False  # True for the oracle teacher, which trains on A∪B.
     # (network, x [B,H,W,C], task: 0 = A, 1 = B) -> representation [B, D]; None = backbone's.
     represent: Callable[[Any, jax.Array, int], jax.Array] | None = None
+    # What the method's behaviour depends on beyond the config's `task_b` group (the learned
+    # rule's θ and its hyper-parameters): part of the key under which its results are cached.
+    params: Any = None

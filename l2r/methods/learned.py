@@ -77,4 +77,5 @@ def make_learned(model, ml, theta, learning_rate: float, name: str = "learned") 
         mean_delta = jnp.mean(jnp.stack([jnp.mean(d) for d in jax.tree.leaves(deltas)]))
         return StudentState(network, lstm), {"loss": loss, "mean_delta": mean_delta}
 
-    return Method(name=name, init=init, step=step, network=lambda s: s.network)
+    params = {"theta": theta, "learning_rate": learning_rate, "rule": tuple(ml.config)}
+    return Method(name=name, init=init, step=step, network=lambda s: s.network, params=params)

@@ -30,6 +30,9 @@ Departures from OML, and why:
     the scanned readout steps hold only [B, D] representations and a [D, K] head.
 """
 
+import hashlib
+import json
+import os
 import time
 
 import jax
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from l2r import models, pretrain, report, training
+from l2r import checkpoint, models, pretrain, report, training
 
 
 def adapt_readout(head: dict, h_TBD: jax.Array, y_TB: jax.Array, learning_rate: float):
@@ -139,7 +142,9 @@ def _check(cfg, labels, n_way):
         )
 
 
-def meta_train_oml(config, model, pretrained, data_a, data_meta, key, n_way: int | None = None):
+def meta_train_oml(
+    config, model, pretrained, data_a, data_meta, key, n_way: int | None = None, ids=None
+):
     """Meta-trains each pre-trained backbone with OML's objective (`meta_loss`, Adam).
 
     Args:
@@ -152,6 +157,7 @@ def meta_train_oml(config, model, pretrained, data_a, data_meta, key, n_way: int
       key: PRNG key; checkpoint i uses `fold_in(key, i)`, its step t `fold_in(that, t)`, so
         a checkpoint's result does not depend on how many are trained or how they are grouped.
       n_way: classes per outer step (the readout's width); None = all K classes.
+      ids: the checkpoint number i of each network of `pretrained` (default 0..n-1).
 
     Returns:
       (networks stacked [n, ...] {'backbone', 'head'} with the meta-trained backbones and the
@@ -166,7 +172,8 @@ def meta_train_oml(config, model, pretrained, data_a, data_meta, key, n_way: int
     t, b, q = cfg.inner_steps, cfg.support_batch, cfg.query_batch
     opt = optax.adam(cfg.outer_lr)
     n = jax.tree.leaves(pretrained)[0].shape[0]
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(n))
+    ids = jnp.arange(n) if ids is None else jnp.asarray(ids)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
 
     def outer_step(carry, step, k, data):
         backbone, s = carry
@@ -225,3 +232,51 @@ def meta_train_oml(config, model, pretrained, data_a, data_meta, key, n_way: int
     losses = np.concatenate([p[1] for p in parts])
     networks = {"backbone": backbones, "head": pretrained["head"]}
     return networks, losses, time.time() - t0
+
+
+def fingerprint(config, pretrained, data_meta: training.DeviceTask, n_way: int | None) -> str:
+    """Hash of what OML's networks depend on: the starting networks and the meta-training data
+    (by content), `task_b.oml`, the seed and n_way."""
+    blob = json.dumps(
+        {
+            "seed": config.seed,
+            "oml": config.task_b.oml.to_dict(),
+            "n_way": n_way,
+            "pretrained": checkpoint.digest(pretrained),
+            "data_meta": checkpoint.digest(
+                [data_meta.train_images, data_meta.train_labels, data_meta.mean, data_meta.std]
+            ),
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def oml_starts(config, model, pretrained, data_meta, key, workdir: str, n_way: int | None = None):
+    """`meta_train_oml`, cached like pre-training: one Orbax checkpoint per pre-trained network,
+    under <pretrain dir>/oml-<fingerprint>/ckpt_<i>, trained only where missing.
+
+    Returns:
+      (networks stacked [n, ...] {'backbone', 'head'}, seconds spent training).
+    """
+    root = os.path.join(
+        config.pretrain.dir or os.path.join(workdir, "pretrain"),
+        "oml-" + fingerprint(config, pretrained, data_meta, n_way),
+    )
+    n = jax.tree.leaves(pretrained)[0].shape[0]
+
+    def train(ids):
+        nets, losses, _ = meta_train_oml(
+            config, model, jax.tree.map(lambda a: a[np.asarray(ids)], pretrained), None,
+            data_meta, key, n_way=n_way, ids=ids,
+        )  # fmt: skip
+        return [
+            (jax.tree.map(lambda a, j=j: a[j], nets),
+             {"query_loss_first": float(losses[j, 0]), "query_loss_last": float(losses[j, -1])})
+            for j in range(len(ids))
+        ]  # fmt: skip
+
+    nets, _, seconds = checkpoint.cached_networks(
+        root, n, config.pretrain.seeds_per_call, train, "OML"
+    )
+    return nets, seconds

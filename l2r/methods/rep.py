@@ -69,12 +69,7 @@ def rep_pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def _data_digest(data: training.DeviceTask) -> str:
-    h = hashlib.sha256()
-    for a in (data.train_images, data.train_labels, data.mean, data.std):
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    return checkpoint.digest([data.train_images, data.train_labels, data.mean, data.std])
 
 
 def fingerprint(config, data_a: training.DeviceTask, data_meta: training.DeviceTask) -> str:
