@@ -46,7 +46,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from l2r import distributed, metalearner, models, report, rng, training
+from l2r import metalearner, models, report, rng, training
 from l2r.methods import Batch, make_teacher
 from l2r.methods.learned import build_metalearner, student_step
 
@@ -165,13 +165,18 @@ class MetaTrainer:
         )
         self.ml = build_metalearner(model, shape, ml_cfg)
         self.opt = make_optimizer(self.cfg)
-        self.chunk = self.cfg.get("episode_chunk", 0) or None  # None: the backend's default
-        self.mesh = training.episode_mesh(self.cfg.num_episodes_parallel,
-                                          self.cfg.get("shard_episodes", True))  # fmt: skip
-        if self.mesh is not None:
-            # Episodes split over the devices; on each, its share is vmapped (GSPMD partitions
-            # the vmapped axis), and the mean meta-gradient becomes an all-reduce.
-            self.chunk = self.cfg.num_episodes_parallel
+        # Episodes split over the devices; on each, its share is vmapped (GSPMD partitions the
+        # vmapped axis), and the mean meta-gradient becomes an all-reduce.
+        self.episodes = training.RunAxis(
+            self.cfg.num_episodes_parallel,
+            "parallel episodes (meta.num_episodes_parallel)",
+            enabled=self.cfg.get("shard_episodes", True),
+            strict=True,
+        )
+        self.mesh = self.episodes.mesh
+        # Episodes mapped together: a device's whole share on a mesh; else `episode_chunk`
+        # (0: the backend's default).
+        self.chunk = self.episodes.chunk or self.cfg.get("episode_chunk", 0) or None
         self.inputs = self.place_inputs(self.inputs)
         self.teacher = make_teacher(model, self.lr)
         self._windows = {}
@@ -184,7 +189,7 @@ class MetaTrainer:
     def place_inputs(self, inputs: Inputs) -> Inputs:
         """`inputs` replicated on every device of the mesh, once: left uncommitted, they would
         be copied to every device at every window. Every process passes the same inputs."""
-        return inputs if self.mesh is None else distributed.replicate(inputs, self.mesh)
+        return self.episodes.replicate(inputs)
 
     # -- episodes ---------------------------------------------------------------------------
 
@@ -246,9 +251,7 @@ class MetaTrainer:
         the second window compiles again): on a mesh, built by one program whose outputs are
         already global arrays, so that it works the same with one process or many."""
         e = self.cfg.num_episodes_parallel
-        theta = self.ml.init(rng.key_for(self.seed, "theta"))  # the same on every process
-        if self.mesh is not None:
-            theta = distributed.replicate(theta, self.mesh)
+        theta = self.episodes.replicate(self.ml.init(rng.key_for(self.seed, "theta")))
 
         def build(theta, inputs):
             i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
@@ -469,15 +472,13 @@ class MetaTrainer:
         assembles the global arrays.
         """
         window = self._window_fn(idx_a.shape[1])
-        threshold = np.asarray(threshold, np.float32)
-        if self.mesh is not None:
-            idx_a, idx_b = distributed.split_rows((idx_a, idx_b), self.mesh)
-            threshold = distributed.replicate(threshold, self.mesh)
+        idx_a, idx_b = self.episodes.split((idx_a, idx_b))
+        threshold = self.episodes.replicate(np.asarray(threshold, np.float32))
         return window(state, self.inputs, idx_a, idx_b, threshold)
 
     def run_window(self, state: MetaState):
         threshold, s = curriculum(self.cfg, int(state.episodes_done))
-        classes = None if self._whole_task else distributed.gather(state.episodes.classes)
+        classes = None if self._whole_task else self.episodes.host(state.episodes.classes)
         idx_a, idx_b = self.batches(int(state.window), s, classes)
         state, metrics = self.call_window(state, idx_a, idx_b, threshold)
         return state, metrics, threshold, s

@@ -91,38 +91,30 @@ def map_seeds(fn, *args, chunk: int | None = None):
     return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk if chunk > 1 else None)
 
 
-def episode_mesh(size: int, enabled: bool = True) -> jax.sharding.Mesh | None:
-    """A 1-D mesh over every device of every process, axis 'data', for a parallel axis of
-    `size` runs (episodes, seeds); None with a single device or when disabled.
-
-    Raises:
-      ValueError: `size` is not a multiple of the device count.
-    """
-    n = jax.device_count()
-    if not enabled or n == 1:
-        return None
-    if size % n:
-        raise ValueError(
-            f"{size} parallel runs cannot be split evenly over {n} devices; make the count "
-            f"(e.g. meta.num_episodes_parallel) a multiple of {n}."
-        )
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 class RunAxis:
-    """Where the runs of a parallel axis of `size` (Task-B seeds) live: split over every device
-    of every process when `size` is a multiple of the device count, else on each process's
-    first device (and every process computes them all).
+    """Where the runs of a parallel axis of `size` (meta-training episodes, Task-B seeds) live:
+    split over every device of every process (a 1-D mesh, axis 'data') when `size` is a
+    multiple of the device count; otherwise on each process's first device, every process
+    computing them all - or, when `strict`, an error.
 
     `split`, `replicate` and `host` move data in and out; with no mesh they change nothing.
+
+    Raises:
+      ValueError: `strict` and `size` is not a multiple of the device count.
     """
 
-    def __init__(self, size: int, what: str = "runs", enabled: bool = True):
+    def __init__(self, size: int, what: str = "runs", enabled: bool = True, strict: bool = False):
         n = jax.device_count()
         self.mesh = None
         if enabled and n > 1:
             if size % n == 0:
-                self.mesh = episode_mesh(size)
+                self.mesh = jax.make_mesh((n,), ("data",),
+                                          axis_types=(jax.sharding.AxisType.Auto,))  # fmt: skip
+            elif strict:
+                raise ValueError(
+                    f"{size} {what} cannot be split evenly over {n} devices; make the count a "
+                    f"multiple of {n}."
+                )
             else:
                 logging.info("%d %s do not split evenly over %d devices: each process runs them "
                              "all on one device.", size, what, n)  # fmt: skip

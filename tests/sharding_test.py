@@ -40,6 +40,13 @@ SCRIPT = textwrap.dedent(
     data_b = training.to_device(task_b, mean, std)
     pretrained, _, _ = pretrain.pretrained_networks(config, model, data_a, work)
 
+    # The trainer's own guard, for callers that skip the config check.
+    try:
+        meta_train.MetaTrainer(bad, model, pretrained, data_a, data_b)
+        raise AssertionError("MetaTrainer split 6 episodes over 4 devices")
+    except ValueError as e:
+        assert "cannot be split evenly over 4 devices" in str(e), e
+
     def run(windows, shard, ckpt):
         c = config.copy_and_resolve_references()
         c.meta.max_windows, c.meta.shard_episodes = windows, shard
