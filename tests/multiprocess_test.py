@@ -20,19 +20,13 @@ from l2r import distributed
 logging.set_verbosity(logging.INFO)
 distributed.simulated_cpu_devices(int(sys.argv[2]))
 distributed.initialize()
-from experiments.configs import exp1
-from l2r import forgetting, meta_train, pretrain, training
+sys.path.insert(0, "tests")
+from l2r import meta_train
+from smoke_setup import exp1_smoke
 
 work = sys.argv[1]
-config = exp1.get_config("smoke")
-config.meta.episodes = 1000
-config.meta.num_episodes_parallel = 4
-task_a, task_b, mean, std = forgetting.build_tasks(config)
-model = forgetting.make_model(config)
-data_a = training.to_device(task_a, mean, std)
-data_b = training.to_device(task_b, mean, std)
 # Pre-training is cached in `work`: the two processes save it collectively, one restores it.
-pretrained, _, _ = pretrain.pretrained_networks(config, model, data_a, work)
+config, _, _, _, _, model, data_a, data_b, pretrained = exp1_smoke(work)
 
 def run(windows, name, shard=True):
     c = config.copy_and_resolve_references()

@@ -16,12 +16,13 @@ SCRIPT = textwrap.dedent(
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_compilation_cache_dir", sys.argv[2])
     import chex, numpy as np
-    from experiments.configs import exp1
-    from l2r import forgetting, meta_train, pretrain, training
+    sys.path.insert(0, "tests")
+    from l2r import forgetting, meta_train
+    from smoke_setup import exp1_smoke
 
     assert jax.device_count() == 4, jax.devices()
     work = sys.argv[1]
-    config = exp1.get_config("smoke")
+    config, task_a, task_b, mean, std, model, data_a, data_b, pretrained = exp1_smoke(work)
     # Episodes that cannot be split over the devices: a clear error before any work.
     from l2r import remember
     from l2r.experiment import ConfigError
@@ -32,13 +33,6 @@ SCRIPT = textwrap.dedent(
         raise AssertionError("6 episodes on 4 devices passed the config check")
     except ConfigError as e:
         assert "make it a multiple of 4" in str(e), e
-    config.meta.num_episodes_parallel = 4
-    config.meta.episodes = 1000
-    task_a, task_b, mean, std = forgetting.build_tasks(config)
-    model = forgetting.make_model(config)
-    data_a = training.to_device(task_a, mean, std)
-    data_b = training.to_device(task_b, mean, std)
-    pretrained, _, _ = pretrain.pretrained_networks(config, model, data_a, work)
 
     # The trainer's own guard, for callers that skip the config check.
     try:
