@@ -124,3 +124,23 @@ def test_kernel_scaled_sgd_slows_only_the_kernels(setup):
             np.testing.assert_allclose(w2 - w0, 0.25 * (w1 - w0), rtol=1e-4, atol=1e-7)
         else:
             np.testing.assert_array_equal(w2, w1)
+
+
+def test_cached_history_round_trips_and_a_failed_run_leaves_no_file(tmp_path):
+    history = {"readout_A": np.arange(6, dtype=np.float32).reshape(2, 3), "loss": np.ones((2, 3))}
+    path = str(tmp_path / "task_b" / "sgd-key.npz")
+
+    def broken():
+        raise KeyboardInterrupt  # a run stopped midway
+
+    with pytest.raises(KeyboardInterrupt):
+        run_b.cached_history(path, broken)
+    assert not (tmp_path / "task_b").exists() or not any((tmp_path / "task_b").iterdir())
+    out = run_b.cached_history(path, lambda: (history, 3.0, 1.0))
+    assert out[2:] == (1.0, False) and out[1] == 3.0
+    again, train_s, probe_s, reused = run_b.cached_history(path, lambda: pytest.fail("reran"))
+    assert (train_s, probe_s, reused) == (3.0, 1.0, True)
+    chex.assert_trees_all_equal(again, history)
+    assert sorted(p.name for p in (tmp_path / "task_b").iterdir()) == ["sgd-key.npz"]
+    # No cache directory: always runs.
+    assert run_b.cached_history(None, lambda: (history, 3.0, 1.0))[3] is False
