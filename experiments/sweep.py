@@ -7,11 +7,13 @@ r"""Sweeps config fields: every combination of the given values, one run each, o
 Each `--sweep=<field>=<v1>,<v2>,...` names an existing config field and its values (parsed to
 the field's type; tuples in parentheses, e.g. `--sweep=model.widths=(8,16),(16,32)`). The
 cartesian product of all of them runs setting by setting, each in `<workdir>/<NNN>_<setting>/`
-with the experiment's usual artefacts; Task-A pre-training is shared through
+with the experiment's usual artefacts. Task-A pre-training is shared through
 `<workdir>/pretrain` (unless `pretrain.dir` is set), so settings that do not change it reuse one
-set of checkpoints. After every setting, `<workdir>/sweep.md` and `sweep.json` are rewritten:
-one row per setting × method with readout accuracy on A before and after Task B, the
-forgetting of A and the final readout on B (mean ± std over seeds).
+set of checkpoints; finished Task-B runs are shared through `<workdir>/task_b` (unless
+`task_b.cache_dir` is set), so a method whose own settings did not change (`sgd` in a sweep of
+`task_b.ewc.coef`) runs once. After every setting, `<workdir>/sweep.md` and `sweep.json` are
+rewritten: one row per setting × method with readout accuracy on A before and after Task B,
+the forgetting of A and the final readout on B (mean ± std over seeds).
 
 Every key, value and resulting config is checked before anything runs. A sweep that is
 interrupted resumes where it stopped: settings whose run finished (their `results.json` exists,
@@ -212,6 +214,8 @@ def configure(config, setting: dict, workdir: str) -> ml_collections.ConfigDict:
             raise SweepError(f"--sweep: cannot set {key}={value!r}: {e}") from None
     if not config.pretrain.dir:
         config.pretrain.dir = os.path.join(workdir, "pretrain")
+    if "task_b" in config and not config.task_b.get("cache_dir"):
+        config.task_b.cache_dir = os.path.join(workdir, "task_b")
     return config
 
 

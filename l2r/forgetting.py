@@ -176,7 +176,9 @@ def compare_methods(
 
     Returns:
       {"methods": {name: {metric: [S, P]}}, "steps", "seeds",
-       "timing": {"task_b_s", "probe_s", "task_b_reused": names read from `cache_dir`}}.
+       "timing": {"task_b_s": {name: seconds its Task-B training took, when it ran},
+                  "probe_s": seconds spent probing in this call,
+                  "task_b_reused": names read from `cache_dir`}}.
     """
     streams = run_b.make_streams(
         config, len(task_b.train.labels), len(task_a.train.labels), config.num_seeds
@@ -196,15 +198,25 @@ def compare_methods(
     )
     probe_fn = run_b.make_probe(model, experiment.readout_config(config), task_a.num_classes,
                                 task_b.num_classes, seeds.chunk)  # fmt: skip
-    t1 = time.time()
-    metrics0, ref_rep = probe_fn(networks0, sets)
-    initial = seeds.host(metrics0), ref_rep
-    logging.info(
-        "Before Task B: readout A %.2f%%, original A %.2f%%",
-        100 * float(np.mean(initial[0]["readout_A"])),
-        100 * float(np.mean(initial[0]["original_A"])),
-    )
-    probe_s = time.time() - t1
+    probe_s = 0.0  # Seconds spent probing in this call (cached histories cost none).
+    initial = None
+
+    def initial_probe():
+        """The probe of `networks0`, shared by the methods that start from them; run once,
+        and only if some method is not in the cache."""
+        nonlocal initial, probe_s
+        if initial is None:
+            t1 = time.time()
+            metrics0, ref_rep = probe_fn(networks0, sets)
+            initial = seeds.host(metrics0), ref_rep
+            logging.info(
+                "Before Task B: readout A %.2f%%, original A %.2f%%",
+                100 * float(np.mean(initial[0]["readout_A"])),
+                100 * float(np.mean(initial[0]["original_A"])),
+            )
+            probe_s += time.time() - t1
+        return initial
+
     histories, train_times, reused = {}, {}, []
     if cache_dir is not None:
         splits = [(t.train.images, t.train.labels, t.test.images, t.test.labels)
@@ -221,14 +233,15 @@ def compare_methods(
             path,
             lambda method=method, own=own: run_b.run_method(
                 method, start_of(method.name) if own else networks0, data_a, data_b, streams,
-                config, probe_fn, sets, None if own else initial, seeds,
+                config, probe_fn, sets, None if own else initial_probe(), seeds,
             ),
         )  # fmt: skip
         histories[method.name] = history
         train_times[method.name] = train_s
-        probe_s += method_probe_s
         if was_cached:
             reused.append(method.name)
+        else:
+            probe_s += method_probe_s
     return {
         "steps": list(range(0, config.task_b.steps + 1, config.task_b.probe_every)),
         "seeds": list(range(config.num_seeds)),
@@ -251,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     starts, start_s = method_starts(config, model, pretrained, data_a, None, workdir)
     methods = [make_method(n, model, config.task_b) for n in config.task_b.methods]
     compared = compare_methods(config, model, pretrained, task_a, task_b, mean, std, methods,
-                               starts, cache_dir=os.path.join(workdir, "task_b"))  # fmt: skip
+                               starts, cache_dir=run_b.cache_dir(config, workdir))  # fmt: skip
     results = {
         "experiment": config.experiment,
         "preset": config.preset,

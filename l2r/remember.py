@@ -36,6 +36,7 @@ from l2r import (
     pretrain,
     report,
     rng,
+    run_b,
     training,
 )
 from l2r import workdir as workdir_lib
@@ -259,7 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             methods.append(make_method(name, model, config.task_b))
     compared = merge_runs([
         forgetting.compare_methods(config, model, test_nets, task_a, task, mean, std, methods,
-                                   starts, cache_dir=os.path.join(workdir, "task_b"))
+                                   starts, cache_dir=run_b.cache_dir(config, workdir))
         for task in plan.meta_test
     ])  # fmt: skip
     results = {

@@ -257,11 +257,26 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+# The `task_b` subgroups that configure one method each: a method's cache key holds its own
+# subgroup only, so a sweep of one baseline's hyper-parameter reuses the other methods' runs.
+METHOD_GROUPS = ("lwf", "ewc", "hat", "oml", "rep")
+
+
+def cache_dir(config, workdir: str) -> str:
+    """Where finished Task-B histories are cached: `task_b.cache_dir` or <workdir>/task_b."""
+    return config.task_b.get("cache_dir") or os.path.join(workdir, "task_b")
+
+
 def history_key(config, method: Method, start, data_digest: str) -> str:
     """Hash of everything a method's Task-B histories depend on: its name and `params`, its
     starting networks, the data (`data_digest`: both tasks and their normalisation, by
-    content), the seeds, the `task_b`, `readout` and `model` config groups, and the code."""
-    task_b = {k: v for k, v in config.task_b.to_dict().items() if k != "methods"}
+    content), the seeds, the `task_b` group (its shared fields and the method's own subgroup,
+    see `METHOD_GROUPS`), the `readout` and `model` groups, and the code."""
+    task_b = {
+        k: v
+        for k, v in config.task_b.to_dict().items()
+        if k not in ("methods", "cache_dir") and (k not in METHOD_GROUPS or k == method.name)
+    }
     blob = {
         "method": method.name,
         "params": None if method.params is None else checkpoint.digest(method.params),

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from l2r import distributed
+from l2r import checkpoint, distributed
 from l2r.data import stream, tasks
 
 
@@ -45,6 +45,12 @@ def to_device(task: tasks.Task, mean, std) -> DeviceTask:
         jnp.asarray(mean, jnp.float32),
         jnp.asarray(std, jnp.float32),
     )
+
+
+def train_digest(task: DeviceTask) -> str:
+    """Content hash of what training on `task` reads: its training split and normalisation.
+    Fingerprints of cached networks (Rep, OML) use it."""
+    return checkpoint.digest([task.train_images, task.train_labels, task.mean, task.std])
 
 
 def gather(task: DeviceTask, idx_B: jax.Array, aug: Augment | None = None):

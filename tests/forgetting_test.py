@@ -16,7 +16,7 @@ from l2r import forgetting, metalearner, models, run_b
 from l2r import workdir as workdir_lib
 from l2r.data.sources import DataError
 from l2r.experiment import ConfigError
-from l2r.methods import make_sgd
+from l2r.methods import make_method, make_sgd
 from l2r.methods.learned import make_learned
 
 
@@ -93,6 +93,10 @@ def test_task_b_cache_is_keyed_by_what_shapes_the_histories(smoke_run, tmp_path)
     shutil.copytree(workdir, tmp_path / "w")
     cache = tmp_path / "w" / "task_b"
     assert len(os.listdir(cache)) == 3 and not any(f.endswith(".tmp") for f in os.listdir(cache))
+    # Every method cached: nothing trains and nothing is probed, not even the start.
+    again = run_locked(smoke_config(), tmp_path / "w", overwrite=True)
+    assert sorted(again["timing"]["task_b_reused"]) == sorted(first["methods"])
+    assert again["timing"]["probe_s"] == 0.0
     # An added method runs alone; the others come from the cache.
     more = run_locked(smoke_config(**{"task_b.methods": ("sgd", "sgd_x0.3")}), tmp_path / "w",
                       overwrite=True)  # fmt: skip
@@ -129,6 +133,13 @@ def test_cache_key_follows_the_start_the_data_and_the_learned_rule():
                      theta, 0.1),
     ]  # fmt: skip
     assert len({run_b.history_key(config, m, start, "data") for m in learned}) == 4
+    # A baseline's own subgroup is in its key only: EWC's coefficient leaves SGD's key alone.
+    other = smoke_config(**{"task_b.ewc.coef": 10.0, "task_b.cache_dir": "/elsewhere"})
+    ewc = make_method("ewc", model, config.task_b)
+    assert run_b.history_key(other, sgd, start, "data") == key
+    assert run_b.history_key(other, ewc, start, "data") != run_b.history_key(
+        config, ewc, start, "data"
+    )
 
 
 def test_different_seed_different_numbers(smoke_run, tmp_path):

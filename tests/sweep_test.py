@@ -123,6 +123,7 @@ def test_smoke_sweep_runs_every_setting_shares_pretraining_and_resumes(tmp_path)
         assert os.path.exists(os.path.join(workdir, name, "results.md"))
     # One set of pre-trained checkpoints (one config fingerprint), shared by both settings.
     assert len(os.listdir(os.path.join(workdir, "pretrain"))) == 1
+    assert len(os.listdir(os.path.join(workdir, "task_b"))) == 2  # one per learning rate
     for r in rows:
         for stat in ("readout_A_before", "readout_A", "readout_B"):
             assert 0 <= r[stat]["mean"] <= 1 and r[stat]["std"] >= 0
@@ -154,3 +155,21 @@ def test_smoke_sweep_runs_every_setting_shares_pretraining_and_resumes(tmp_path)
         sweep.SweepError, match=r"different config.*\(differs in num_seeds\).*--overwrite"
     ):
         sweep.run_sweep(other, workdir, sweeps)
+
+
+def test_a_baseline_sweep_runs_the_other_methods_once(tmp_path):
+    workdir = str(tmp_path / "sweep")
+    config = smoke_config()
+    with config.unlocked():
+        config.task_b.methods = ("sgd", "ewc")
+    rows = sweep.run_sweep(config, workdir, sweep.parse_sweeps(config, ["task_b.ewc.coef=0.5,50"]))
+    runs = sorted({r["run"] for r in rows})
+    reused = [
+        json.loads(open(os.path.join(workdir, run, "results.json")).read())["timing"]
+        for run in runs
+    ]
+    assert [t["task_b_reused"] for t in reused] == [[], ["sgd"]]
+    by = {(r["run"], r["method"]): r for r in rows}
+    # SGD ran once and both settings report its numbers; EWC ran per coefficient.
+    assert by[(runs[0], "sgd")]["readout_B"] == by[(runs[1], "sgd")]["readout_B"]
+    assert by[(runs[0], "ewc")]["readout_A"] != by[(runs[1], "ewc")]["readout_A"]

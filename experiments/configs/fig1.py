@@ -39,6 +39,7 @@ def get_config(arg=None):
     c.task_b.teacher_batch_a = 64  # Teacher sees 64 A + 64 B = 128 (§3).
     c.task_b.learning_rate = 0.1  # §3: α = 0.1, no momentum (same lr as Task A).
     c.task_b.probe_every = 50  # Probe interval in steps (also step 0).
+    c.task_b.cache_dir = ""  # Finished Task-B histories ("" = <workdir>/task_b); sweeps share one.
     common.baselines_config(c.task_b)  # task_b.{lwf, ewc, hat, oml, rep}: §4 hyper-parameters.
 
     if preset == "paper":

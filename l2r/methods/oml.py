@@ -243,9 +243,7 @@ def fingerprint(config, pretrained, data_meta: training.DeviceTask, n_way: int |
             "oml": config.task_b.oml.to_dict(),
             "n_way": n_way,
             "pretrained": checkpoint.digest(pretrained),
-            "data_meta": checkpoint.digest(
-                [data_meta.train_images, data_meta.train_labels, data_meta.mean, data_meta.std]
-            ),
+            "data_meta": training.train_digest(data_meta),
         },
         sort_keys=True,
     ).encode()

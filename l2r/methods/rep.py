@@ -68,10 +68,6 @@ def rep_pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.Con
     return cfg
 
 
-def _data_digest(data: training.DeviceTask) -> str:
-    return checkpoint.digest([data.train_images, data.train_labels, data.mean, data.std])
-
-
 def fingerprint(config, data_a: training.DeviceTask, data_meta: training.DeviceTask) -> str:
     """Hash of what determines Rep's networks: pre-training's fields, the step count, and the
     training data of both tasks (by content)."""
@@ -79,8 +75,8 @@ def fingerprint(config, data_a: training.DeviceTask, data_meta: training.DeviceT
         {
             "pretrain": pretrain.fingerprint(config),
             "steps": rep_pretrain_config(config).steps,
-            "data_a": _data_digest(data_a),
-            "data_meta": _data_digest(data_meta),
+            "data_a": training.train_digest(data_a),
+            "data_meta": training.train_digest(data_meta),
         },
         sort_keys=True,
     ).encode()
