@@ -197,17 +197,18 @@ def save_figure(fig: Figure, path: str) -> str:
 def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
     """Plots Fig.-1-style curves (metric vs Task-B steps, shaded ± std over seeds) as PNGs.
 
-    Writes `{prefix}_task_A.png` and `{prefix}_task_B.png` (Readout solid, Original dashed) and,
-    when cka_* metrics exist, `{prefix}_cka.png`. Each method keeps its colour (by its position in
-    `results["methods"]`) across all figures. Uses `Figure` directly (Agg canvas, no pyplot
-    state), so it is safe headless and in threads.
+    Writes `{prefix}_task_A.png` and `{prefix}_task_B.png` (one panel each for the Readout and
+    the Original accuracy, sharing the y axis) and, when cka_* metrics exist, `{prefix}_cka.png`.
+    One line per method; each method keeps its colour (by its position in `results["methods"]`)
+    across all figures, and one legend beside the panels names them. Uses `Figure` directly (Agg
+    canvas, no pyplot state), so it is safe headless and in threads.
     """
     os.makedirs(workdir, exist_ok=True)
     steps = np.asarray(results["steps"])
-    palette = matplotlib.colormaps["tab10"].colors
-    colours = {m: palette[i % len(palette)] for i, m in enumerate(results["methods"])}
+    methods = list(results["methods"])
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     metrics = _metric_names(results)
-    styles = ["-", "--", ":", "-."]
     figures = {
         "task_A": (["readout_A", "original_A"], "Task A accuracy (%)"),
         "task_B": (["readout_B", "original_B"], "Task B accuracy (%)"),
@@ -218,26 +219,27 @@ def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
         present = [m for m in wanted if m in metrics]
         if not present:
             continue
-        fig = Figure(figsize=(6, 4))
-        ax = fig.add_subplot()
-        for method in results["methods"]:
-            for j, metric in enumerate(present):
+        fig = Figure(figsize=(4.5 * len(present) + 1.5, 4), layout="constrained")
+        axes = fig.subplots(1, len(present), sharey=True, squeeze=False)[0]
+        lines = {}
+        for ax, metric in zip(axes, present, strict=True):
+            scale = 100.0 if _is_percent(metric) else 1.0
+            for method in methods:
                 if metric not in results["methods"][method]:
                     continue
-                scale = 100.0 if _is_percent(metric) else 1.0
                 mean, std = (scale * a for a in _mean_std(_metric(results, method, metric)))
-                label = f"{method} {metric}" if len(present) > 1 else method
-                ax.plot(steps, mean, styles[j % len(styles)], color=colours[method], label=label)
+                (lines[method],) = ax.plot(steps, mean, color=colours[method], label=method)
                 ax.fill_between(
-                    steps, mean - std, mean + std, color=colours[method], alpha=0.2, lw=0
+                    steps, mean - std, mean + std, color=colours[method], alpha=0.15, lw=0
                 )
-        ax.set(
-            xlabel="Task B steps",
-            ylabel=ylabel,
-            title=f"{results.get('experiment', '')}: mean ± std over {len(results['seeds'])} seeds",
+            ax.set(xlabel="Task B steps", title=metric)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(ylabel)
+        fig.suptitle(
+            f"{results.get('experiment', '')}: mean ± std over {len(results['seeds'])} seeds"
         )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        fig.legend(list(lines.values()), list(lines), loc="outside right center",
+                   fontsize="small")  # fmt: skip
         paths.append(save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
     return paths
 
