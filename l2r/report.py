@@ -194,20 +194,39 @@ def save_figure(fig: Figure, path: str) -> str:
     return write_atomic(path, buf.getvalue())
 
 
-def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
-    """Plots Fig.-1-style curves (metric vs Task-B steps, shaded ± std over seeds) as PNGs.
-
-    Writes `{prefix}_task_A.png` and `{prefix}_task_B.png` (one panel each for the Readout and
-    the Original accuracy, sharing the y axis) and, when cka_* metrics exist, `{prefix}_cka.png`.
-    One line per method; each method keeps its colour (by its position in `results["methods"]`)
-    across all figures, and one legend beside the panels names them. Uses `Figure` directly (Agg
-    canvas, no pyplot state), so it is safe headless and in threads.
-    """
-    os.makedirs(workdir, exist_ok=True)
+def curves_figure(results, metrics: list[str], ylabel: str) -> Figure:
+    """One panel per metric of `metrics` (vs Task-B steps, sharing the y axis): one line per
+    method with its mean over seeds, shaded ± std, and one legend beside the panels. Each
+    method's colour is fixed by its position in `results["methods"]`."""
     steps = np.asarray(results["steps"])
     methods = list(results["methods"])
     palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
-    colours = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    fig = Figure(figsize=(4.5 * len(metrics) + 1.5, 4), layout="constrained")
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    lines = {}
+    for ax, metric in zip(axes, metrics, strict=True):
+        scale = 100.0 if _is_percent(metric) else 1.0
+        for i, method in enumerate(methods):
+            if metric not in results["methods"][method]:
+                continue
+            colour = palette[i % len(palette)]
+            mean, std = (scale * a for a in _mean_std(_metric(results, method, metric)))
+            (lines[method],) = ax.plot(steps, mean, color=colour, label=method)
+            ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
+        ax.set(xlabel="Task B steps", title=metric)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(f"{results.get('experiment', '')}: mean ± std over {len(results['seeds'])} seeds")
+    fig.legend(list(lines.values()), list(lines), loc="outside right center", fontsize="small")
+    return fig
+
+
+def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
+    """Plots Fig.-1-style curves (`curves_figure`) as PNGs: `{prefix}_task_A.png` and
+    `{prefix}_task_B.png` (a Readout and an Original panel) and, when cka_* metrics exist,
+    `{prefix}_cka.png`. Uses `Figure` directly (Agg canvas, no pyplot state), so it is safe
+    headless and in threads."""
+    os.makedirs(workdir, exist_ok=True)
     metrics = _metric_names(results)
     figures = {
         "task_A": (["readout_A", "original_A"], "Task A accuracy (%)"),
@@ -217,30 +236,9 @@ def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
     paths = []
     for name, (wanted, ylabel) in figures.items():
         present = [m for m in wanted if m in metrics]
-        if not present:
-            continue
-        fig = Figure(figsize=(4.5 * len(present) + 1.5, 4), layout="constrained")
-        axes = fig.subplots(1, len(present), sharey=True, squeeze=False)[0]
-        lines = {}
-        for ax, metric in zip(axes, present, strict=True):
-            scale = 100.0 if _is_percent(metric) else 1.0
-            for method in methods:
-                if metric not in results["methods"][method]:
-                    continue
-                mean, std = (scale * a for a in _mean_std(_metric(results, method, metric)))
-                (lines[method],) = ax.plot(steps, mean, color=colours[method], label=method)
-                ax.fill_between(
-                    steps, mean - std, mean + std, color=colours[method], alpha=0.15, lw=0
-                )
-            ax.set(xlabel="Task B steps", title=metric)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel(ylabel)
-        fig.suptitle(
-            f"{results.get('experiment', '')}: mean ± std over {len(results['seeds'])} seeds"
-        )
-        fig.legend(list(lines.values()), list(lines), loc="outside right center",
-                   fontsize="small")  # fmt: skip
-        paths.append(save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
+        if present:
+            fig = curves_figure(results, present, ylabel)
+            paths.append(save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
     return paths
 
 

@@ -109,6 +109,24 @@ def test_pngs_are_valid_images(report_dir):
             assert width > 100 and height > 100
 
 
+def test_curves_figure_draws_each_method_mean_per_panel():
+    results = _fake_results()
+    fig = report.curves_figure(results, ["readout_A", "original_A"], "Task A accuracy (%)")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["readout_A", "original_A"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(METHODS)
+    for ax, metric in zip(axes, ["readout_A", "original_A"], strict=True):
+        assert [line.get_label() for line in ax.get_lines()] == list(METHODS)
+        for line, method in zip(ax.get_lines(), METHODS, strict=True):
+            values = results["methods"][method][metric]
+            np.testing.assert_allclose(line.get_xdata(), STEPS)
+            np.testing.assert_allclose(line.get_ydata(), 100 * values.mean(axis=0), rtol=1e-6)
+    # A method keeps its colour across panels.
+    assert [line.get_color() for line in axes[0].get_lines()] == [
+        line.get_color() for line in axes[1].get_lines()
+    ]
+
+
 def test_summary_table_has_hand_computed_mean_std():
     results = _fake_results()
     x = np.array([0.9, 0.8, 0.7, 0.6, 0.5])  # Last-step readout_A of "sgd": mean 70%, std 15.8%.
