@@ -24,6 +24,7 @@ from l2r import (
 )
 from l2r import workdir as workdir_lib
 from l2r.experiment import ConfigError
+from l2r.meta import three_tasks
 from l2r.methods import Batch, make_teacher
 from l2r.methods.learned import student_step
 from l2r.methods.multitask import HEADS, swap_heads
@@ -42,7 +43,8 @@ def setup():
     net = pretrain.init_network(model, jax.random.key(0), (1, *data_1.train_images.shape[1:]),
                                 plan.task_1.num_classes)  # fmt: skip
     pretrained = jax.tree.map(lambda a: a[None], net)
-    trainer = sequential.SequentialTrainer(config, model, pretrained, data_1, pool, plan.pair_table)
+    trainer = three_tasks.SequentialTrainer(config, model, pretrained, data_1, pool,
+                                            plan.pair_table)  # fmt: skip
     return config, plan, model, pretrained, data_1, pool, trainer
 
 
