@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from l2r import distributed
 from l2r import workdir as workdir_lib
+from l2r.pipelines import PIPELINES
 
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:preset].", lock_config=True
@@ -33,14 +34,6 @@ flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
-PIPELINES = {
-    "fig1": "l2r.forgetting",
-    "exp1": "l2r.remember",
-    "exp2": "l2r.remember",
-    "exp3": "l2r.remember",
-    "exp4": "l2r.remember",
-    "exp5": "l2r.sequential",
-}
 
 
 def quiet_libraries(record) -> bool:
@@ -77,8 +70,8 @@ def main(argv):
         raise app.UsageError(f"No pipeline for experiment {config.experiment!r}.")
     import importlib
 
+    from l2r.config_checks import ConfigError
     from l2r.data.sources import DataError
-    from l2r.experiment import ConfigError
 
     pipeline = importlib.import_module(PIPELINES[config.experiment])
     try:

@@ -382,7 +382,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(run_lib.quiet_libraries)
     run_lib.start_runtime()
     from l2r.data.sources import DataError
-    from l2r.experiment import ConfigError
+    from l2r.config_checks import ConfigError
 
     try:
         sweeps = parse_sweeps(FLAGS.config, FLAGS.sweep)

@@ -1,14 +1,15 @@
-"""Plumbing every experiment shares: config checks, data and tasks from a config.
+"""Config checks every pipeline shares, run before anything is loaded, compiled or trained.
 
-All checks here run before anything is compiled or trained, so bad input costs seconds.
+Each failed check raises `ConfigError` with one line naming the field and a valid choice, so
+bad input costs seconds, not a run.
 """
 
-import os
-
+import jax
 import ml_collections
 
-from l2r import probe
+from l2r import metalearner, probe
 from l2r.data import sources
+from l2r.methods import registry
 
 MODEL_NAMES = ("resnet", "convnet")
 SCHEDULES = ("constant", "cosine", "step")
@@ -64,40 +65,76 @@ def check_common(config: ml_collections.ConfigDict, task_b: bool = True) -> None
     )
 
 
-def readout_config(config) -> probe.ReadoutConfig:
-    r = config.readout
-    return probe.ReadoutConfig(
-        solver=r.solver, steps=r.steps, learning_rate=r.learning_rate, l2=r.l2
-    )
-
-
-def load_dataset(data: ml_collections.ConfigDict) -> sources.Dataset:
-    """Loads the dataset a config names, extracting an offline archive first if asked."""
-    if data.archive and data.root and not os.path.exists(data.root):
-        from l2r.data import prepare
-
-        if not os.path.exists(data.archive):
-            raise sources.DataError(
-                f"data.root={data.root} does not exist and the archive to extract it from, "
-                f"data.archive={data.archive}, is missing. Point --config.data.root at an "
-                "extracted copy or --config.data.archive at the .tar.gz."
-            )
-        prepare.ensure_extracted(data.archive, os.path.dirname(os.path.abspath(data.root)))
-    kwargs = dict(
-        name=data.name or None,
-        root=data.root or None,
-        image_size=data.image_size or None,
-        data_dir=data.data_dir or None,
-        download=data.download,
-    )
-    if data.source == "synthetic":
-        kwargs.update(data.synthetic.to_dict())
-    return sources.load(data.source, **kwargs)
-
-
 def check_batch(name: str, batch: int, available: int, task: str) -> None:
     if batch > available:
         raise ConfigError(
             f"{name}={batch} is larger than the {available} training examples of {task}; "
             f"lower {name} to at most {available} or use more data."
         )
+
+
+def check_methods(config, num_tasks: int = 1, rule: bool = True, meta_data: bool = True) -> None:
+    """`task_b.methods` names registered methods that this experiment can run: `num_tasks`
+    tasks after Task A, with (`rule`) or without a meta-trained rule, with (`meta_data`) or
+    without meta-training data (which Rep and OML need)."""
+    b = config.task_b
+    choices = ", ".join(registry.names())
+    require(len(b.methods) > 0, f"task_b.methods is empty; name one or more of {choices}.")
+    for name in b.methods:
+        entry = registry.entry(name)
+        require(entry is not None, f"task_b.methods has an {registry.unknown(name)}.")
+        require(entry.needs != "rule" or rule,
+                f"task_b.methods has {name!r}, which needs a meta-trained rule; this experiment "
+                "meta-trains none (run it in exp1..exp5), or drop it.")  # fmt: skip
+        require(entry.needs != "meta_data" or meta_data,
+                f"task_b.methods has {name!r}, which needs meta-training data; this experiment "
+                "has none (Fig. 1). Run it in exp1..exp4, or drop it.")  # fmt: skip
+        require(num_tasks == 1 or entry.sequence is not None,
+                f"task_b.methods has {name!r}, which learns one task after Task A only; with "
+                f"{num_tasks} later tasks choose from those that learn several: "
+                f"{', '.join(registry.names(sequences=True))}.")  # fmt: skip
+
+
+def check_steps(config, fields=("steps",)) -> None:
+    """Each `task_b.<field>` is a positive multiple of `task_b.probe_every`."""
+    b = config.task_b
+    for k in fields:
+        require(b[k] >= 1 and b.probe_every >= 1 and b[k] % b.probe_every == 0,
+                f"task_b.{k}={b[k]} must be a positive multiple of task_b.probe_every="
+                f"{b.probe_every}.")  # fmt: skip
+
+
+def check_meta(config: ml_collections.ConfigDict) -> None:
+    """Checks the `meta` group (Algorithm 1 and the meta-learner)."""
+    from l2r import meta_train  # the rep losses it knows
+
+    REP_LOSSES = meta_train.REP_LOSSES
+    m = config.meta
+    require(m.rep_loss in REP_LOSSES, f"meta.rep_loss={m.rep_loss!r}; choose one of {REP_LOSSES}.")
+    require(m.gate in metalearner.GATES, f"meta.gate={m.gate!r}; choose one of "
+            f"{metalearner.GATES}.")  # fmt: skip
+    require(m.num_episodes_parallel >= 1, "meta.num_episodes_parallel must be >= 1.")
+    n_dev = jax.device_count()
+    require(not m.get("shard_episodes", True) or m.num_episodes_parallel % n_dev == 0,
+            f"meta.num_episodes_parallel={m.num_episodes_parallel} episodes cannot be split "
+            f"evenly over {n_dev} devices: make it a multiple of {n_dev}, or set "
+            "meta.shard_episodes=False to run them all on one device.")  # fmt: skip
+    require(m.episodes >= 1 and m.inner_steps >= 1, "meta.episodes, meta.inner_steps must be >= 1.")
+    require(1 <= m.tbptt <= m.tbptt_max, f"meta.tbptt={m.tbptt} must be in [1, tbptt_max].")
+    require(m.curriculum_every >= 1, "meta.curriculum_every must be >= 1.")
+    require(m.learning_rate > 0 and m.loss_scale > 0, "meta.learning_rate, loss_scale must be > 0.")
+    n_ckpt = config.pretrain.num_checkpoints
+    require(
+        0 <= m.train_checkpoints < n_ckpt,
+        f"meta.train_checkpoints={m.train_checkpoints} must be 0 or leave at least one of the "
+        f"pretrain.num_checkpoints={n_ckpt} networks for the meta-test (Exp 3).",
+    )
+
+
+def check_task_sizes(config, task_a, task_b) -> None:
+    """The batch sizes fit the tasks' training sets (Task B: any task learned after A)."""
+    n_a, n_b = len(task_a.train.labels), len(task_b.train.labels)
+    check_batch("pretrain.batch_size", config.pretrain.batch_size, n_a, "Task A")
+    check_batch("task_b.batch_size", config.task_b.batch_size, n_b, "Task B")
+    if "teacher" in config.task_b.methods:
+        check_batch("task_b.teacher_batch_a", config.task_b.teacher_batch_a, n_a, "Task A")

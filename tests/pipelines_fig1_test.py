@@ -1,4 +1,4 @@
-"""End to end: the Fig.-1 pipeline on generated data, its artefacts, determinism, bad input."""
+"""The Fig.-1 pipeline on generated data: its artefacts, determinism, caches, bad input."""
 
 import json
 import os
@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from experiments.configs import fig1
-from l2r import forgetting, metalearner, models, run_b
+from l2r import metalearner, models, task_b
 from l2r import workdir as workdir_lib
+from l2r.config_checks import ConfigError
 from l2r.data.sources import DataError
-from l2r.experiment import ConfigError
 from l2r.methods import make_method, make_sgd
 from l2r.methods.learned import make_learned
+from l2r.pipelines import fig1 as fig1_pipeline
 
 
 def smoke_config(**overrides):
@@ -33,7 +34,7 @@ def smoke_config(**overrides):
 
 def run_locked(config, workdir, overwrite=False):
     with workdir_lib.locked(str(workdir), overwrite):
-        return forgetting.run(config, str(workdir))
+        return fig1_pipeline.run(config, str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +116,10 @@ def test_cache_key_follows_the_start_the_data_and_the_learned_rule():
     model = models.make_model("convnet", widths=(4,), groups=2, hidden=4)
     start = {"w": np.zeros(3, np.float32)}
     sgd = make_sgd(model, 0.1, "sgd")
-    key = run_b.history_key(config, sgd, start, "data")
-    assert key == run_b.history_key(config, sgd, start, "data")
-    assert key != run_b.history_key(config, sgd, {"w": np.ones(3, np.float32)}, "data")
-    assert key != run_b.history_key(config, sgd, start, "other data")
+    key = task_b.history_key(config, [sgd], start, "data")
+    assert key == task_b.history_key(config, [sgd], start, "data")
+    assert key != task_b.history_key(config, [sgd], {"w": np.ones(3, np.float32)}, "data")
+    assert key != task_b.history_key(config, [sgd], start, "other data")
     # The learned rule: another θ, learning rate or gate is another key.
     params = model.init(jax.random.key(0), (1, 8, 8, 1))
     x = np.zeros((2, 8, 8, 1), np.float32)
@@ -132,13 +133,13 @@ def test_cache_key_follows_the_start_the_data_and_the_learned_rule():
         make_learned(model, metalearner.make(params, taps, metalearner.Config(gate="exp")),
                      theta, 0.1),
     ]  # fmt: skip
-    assert len({run_b.history_key(config, m, start, "data") for m in learned}) == 4
+    assert len({task_b.history_key(config, [m], start, "data") for m in learned}) == 4
     # A baseline's own subgroup is in its key only: EWC's coefficient leaves SGD's key alone.
     other = smoke_config(**{"task_b.ewc.coef": 10.0, "task_b.cache_dir": "/elsewhere"})
     ewc = make_method("ewc", model, config.task_b)
-    assert run_b.history_key(other, sgd, start, "data") == key
-    assert run_b.history_key(other, ewc, start, "data") != run_b.history_key(
-        config, ewc, start, "data"
+    assert task_b.history_key(other, [sgd], start, "data") == key
+    assert task_b.history_key(other, [ewc], start, "data") != task_b.history_key(
+        config, [ewc], start, "data"
     )
 
 

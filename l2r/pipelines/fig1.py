@@ -1,0 +1,56 @@
+"""Fig. 1: how much of Task A does a network's representation keep while it learns Task B?
+
+Stages (each a pure function of the config and its inputs, each cached):
+  1. data -> Task A, Task B (disjoint classes, asserted);
+  2. Task-A pre-training (`l2r.pretrain`);
+  3. every method in `task_b.methods` on Task B over `num_seeds` seeds (`l2r.compare`), probed
+     every `task_b.probe_every` steps: readout accuracy on A and B, the original A head, CKA;
+  4. artefacts in the workdir (`l2r.report`).
+"""
+
+import os
+import time
+
+import ml_collections
+from absl import logging
+
+from l2r import compare, config_checks, pretrain, report, task_b, training
+from l2r import workdir as workdir_lib
+from l2r.data import plan
+from l2r.methods import registry
+from l2r.models import registry as model_registry
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    config_checks.check_common(config)
+    config_checks.check_methods(config, rule=False, meta_data=False)
+    config_checks.check_steps(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the Fig.-1 experiment of `config` and writes its artefacts into `workdir`."""
+    check_config(config)
+    task_a, task_b_, mean, std = plan.build_tasks(config)
+    config_checks.check_task_sizes(config, task_a, task_b_)
+    # Everything is validated: from here on the workdir is written to.
+    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    model = model_registry.from_config(config.model)
+    t0 = time.time()
+    data_a = training.to_device(task_a, mean, std)
+    pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
+    starts, start_s = compare.method_starts(config, model, pretrained, data_a, None, workdir)
+    methods = [registry.build(n, model, config.task_b) for n in config.task_b.methods]
+    compared = compare.compare(config, model, pretrained, [task_a, task_b_], mean, std, methods,
+                               starts, cache_dir=task_b.cache_dir(config, workdir))  # fmt: skip
+    results = {
+        "experiment": config.experiment,
+        "preset": config.preset,
+        "config": config.to_dict(),
+        **compared,
+        "pretrain_test_accuracy": pre_acc,
+    }
+    results["timing"].update(pretrain_s=pretrain_s, starts_s=start_s, total_s=time.time() - t0)
+    paths = report.write_report(results, workdir, prefix="fig1")
+    logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
+    logging.info("Wrote %s", ", ".join(paths.values()))
+    return results

@@ -1,0 +1,176 @@
+"""Exp 5 (paper §5.6): three tasks in sequence, meta-trained and meta-tested end to end.
+
+Task 1 is the pre-training task; Tasks 2 and 3 are n-way tasks drawn from a pool of classes
+(meta-training) or from a disjoint pool (meta-test). Networks carry one head per task, with fixed
+meanings: 'head_a' = Task 1, 'head_b' = Task 2, 'head_c' = Task 3.
+
+Meta-training (Algorithm 1 with K = 3; the episodes of `l2r.meta.three_tasks`, run by the same
+windows, T-BPTT, restarts, curriculum and Orbax resume as Exps 1-4):
+  phase 0: the student learns Task 2 through the meta-learner; the teacher learns D_A ∪ D_B with
+    D_A = Task 1, D_B = Task 2;
+  phase 1: the student learns Task 3 (its own fresh head) from where phase 0 left it: student
+    weights, LSTM state and teacher are all kept; D_A = Task 1 ∪ Task 2, D_B = Task 3; the loss
+    threshold is the curriculum's plus `meta.switch_threshold_step` (§5.6: +5).
+  An episode switches from phase 0 to phase 1 when its loss exceeds the threshold (§5.6) or after
+  `meta.inner_steps` steps on Task 2, and restarts (new w0, LSTM state, tasks) when phase 1's loss
+  exceeds its threshold, after `meta.inner_steps` steps on Task 3, or when it diverges. As in
+  `l2r.meta_train`, switches and restarts happen at window ends: up to s − 1 steps after the
+  threshold was crossed. Curriculum episodes count whole episodes (both phases).
+  Departures: the paper gives no step limit for the phases (`meta.inner_steps` caps each); the
+  teacher's A batch in phase 1 is half Task 1, half Task 2 (Algorithm 1 says only D_1..k-1).
+
+Meta-test (`l2r.compare` with K = 2): for each drawn (Task 2, Task 3) pair and seed, every method
+learns Task 2 for `task_b.steps_2` steps, then Task 3 for `task_b.steps_3` steps, probed every
+`probe_every` steps on all three tasks (metrics readout_k, original_k for k = 1, 2, 3 and cka_1).
+Learners that see only the current task (SGD, the learned rule, whose LSTM state carries across
+the switch) train 'head_c' on Task 3 (`l2r.methods.multitask.on_task_3`); the teacher rehearses
+every earlier task with its own head. Baselines with per-task state are not run here.
+"""
+
+import os
+import time
+
+import ml_collections
+import numpy as np
+from absl import logging
+from matplotlib.figure import Figure
+
+from l2r import cl_metrics, compare, config_checks, distributed, pretrain, report, task_b, training
+from l2r import workdir as workdir_lib
+from l2r.config_checks import require
+from l2r.data import plan, tasks
+from l2r.meta import figures, loop
+from l2r.methods import registry
+from l2r.models import registry as model_registry
+
+READOUT = ("readout_1", "readout_2", "readout_3")  # per-task probe metrics, in task order
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every check that needs no data: run before anything is loaded or trained."""
+    config_checks.check_common(config, task_b=False)  # Exp 5's later tasks are `pools`.
+    config_checks.check_meta(config)
+    config_checks.check_methods(config, num_tasks=2)
+    config_checks.check_steps(config, ("steps_2", "steps_3"))
+    b, p = config.task_b, config.pools
+    require(b.teacher_batch_a >= 2, "task_b.teacher_batch_a must be >= 2 (Tasks 1 and 2).")
+    require(config.meta.switch_threshold_step >= 0, "meta.switch_threshold_step must be >= 0.")
+    require(p.n_way >= 2, f"pools.n_way={p.n_way}; n-way tasks need at least 2 classes.")
+    require(p.meta_test_tasks >= 1, "pools.meta_test_tasks must be >= 1.")
+    if p.disjoint_tasks:
+        need, how, fix = 2 * p.n_way, "with no class in common", ", or pools.disjoint_tasks=False"
+    else:
+        need, how, fix = p.n_way + 1, "of different classes", ""
+    for name in ("meta_train", "meta_test"):
+        n = len(p[name].classes)
+        require(n >= need, f"pools.{name}.classes has {n} classes; two {p.n_way}-way tasks {how} "
+                f"need {need}: lower pools.n_way or enlarge the pool{fix}.")  # fmt: skip
+
+
+def check_sizes(config, seq: plan.SequencePlan) -> None:
+    """The batch sizes fit every task (the teacher's A batch is half Task 1, half Task 2)."""
+    n_1 = len(seq.task_1.train.labels)
+    b = config.task_b
+    config_checks.check_batch("pretrain.batch_size", config.pretrain.batch_size, n_1, "Task 1")
+    half = b.teacher_batch_a - b.teacher_batch_a // 2
+    config_checks.check_batch("task_b.teacher_batch_a / 2", half, n_1, "Task 1")
+    for task_2, task_3 in seq.meta_test:
+        for name, t in (("Task 2", task_2), ("Task 3", task_3)):
+            config_checks.check_batch("task_b.batch_size", b.batch_size, len(t.train.labels),
+                                      name)  # fmt: skip
+        config_checks.check_batch("task_b.teacher_batch_a / 2", half,
+                                  len(task_2.train.labels), "Task 2")  # fmt: skip
+
+
+def write_markdown(results, workdir) -> str:
+    steps, switch, ends = results["steps"], results["switch_step"], results["task_ends"]
+    parts = [
+        f"# l2r results: {results['experiment']} (three tasks)",
+        f"Preset `{results['preset']}`; {len(results['seeds'])} runs (seeds × task pairs); "
+        f"Task 2 for steps 0-{switch}, Task 3 for steps {switch}-{steps[-1]}.",
+        f"## At the switch (step {switch})", report.summary_table(results, step=switch),
+        "## At the end", report.summary_table(results),
+        "## Continual-learning view (readout accuracy; rows: after Task 1, 2, 3)",
+        cl_metrics.markdown_table(results, READOUT, ends),
+        "## Curves", *(report.curves_table(results, m) for m in READOUT),
+    ]  # fmt: skip
+    text = "\n\n".join(parts) + "\n"
+    return report.write_atomic(os.path.join(workdir, "results.md"), text.encode())
+
+
+def plot_tasks(results, workdir, prefix="exp5") -> str:
+    """Fig. 5: readout accuracy on Tasks 1, 2 and 3 against steps, one panel per task."""
+    steps = np.asarray(results["steps"])
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3, sharex=True)
+    for k, (ax, metric) in enumerate(zip(axes, READOUT, strict=True), 1):
+        for i, (name, hist) in enumerate(results["methods"].items()):
+            acc = 100 * np.asarray(hist[metric], np.float64)
+            mean, std = acc.mean(0), acc.std(0, ddof=1 if len(acc) > 1 else 0)
+            ax.plot(steps, mean, color=f"C{i}", label=name)
+            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, lw=0)
+        ax.axvline(results["switch_step"], color="k", lw=0.5, ls=":")
+        ax.set(title=f"Task {k} readout", xlabel="steps (Task 2, then Task 3)")
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="readout accuracy (%)")
+    axes[0].legend(fontsize="small")
+    return report.save_figure(fig, os.path.join(workdir, f"{prefix}_tasks.png"))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs Exp. 5 of `config` and writes its artefacts into `workdir`."""
+    check_config(config)
+    seq = plan.sequence_plan(config)
+    check_sizes(config, seq)
+    mean, std = tasks.normalization_stats(plan.load_dataset(config.data).train)
+    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    model = model_registry.from_config(config.model)
+    t0 = time.time()
+    data_1 = training.to_device(seq.task_1, mean, std)
+    pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_1, workdir)
+    train_nets, test_nets = compare.split_checkpoints(config, pretrained)
+
+    t1 = time.time()
+    pool = training.to_device(seq.meta_train, mean, std)
+    rule, history = loop.meta_train_rule(config, model, train_nets, data_1, pool,
+                                         os.path.join(workdir, "meta"),
+                                         class_table=seq.pair_table)  # fmt: skip
+    rule = rule._replace(theta=distributed.local_copy(rule.theta))  # for the meta-test
+    meta_s = time.time() - t1
+    context = registry.Context(rule=rule, num_classes_1=seq.task_1.num_classes)
+    methods = [registry.build_sequence(n, model, config.task_b, 2, context)
+               for n in config.task_b.methods]  # fmt: skip
+    compared = compare.merge_runs([
+        compare.compare(config, model, test_nets, [seq.task_1, task_2, task_3], mean, std,
+                        methods, cache_dir=task_b.cache_dir(config, workdir))
+        for task_2, task_3 in seq.meta_test
+    ])  # fmt: skip
+    results = {
+        "experiment": config.experiment,
+        "preset": config.preset,
+        "config": config.to_dict(),
+        **compared,
+        "switch_step": config.task_b.steps_2,
+        # Probe columns where Tasks 1, 2, 3 end: the rows of the accuracy matrix (cl_metrics).
+        "task_ends": [
+            0,
+            compared["steps"].index(config.task_b.steps_2),
+            len(compared["steps"]) - 1,
+        ],
+        "pretrain_test_accuracy": pre_acc,
+        "meta": {k: list(v) for k, v in history.items()},
+        "meta_test_tasks": [[list(t.class_names) for t in pair] for pair in seq.meta_test],
+    }
+    results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, total_s=time.time() - t0)
+    paths = {"json": report.write_results_json(results, workdir),
+             "markdown": write_markdown(results, workdir),
+             "exp5_tasks": plot_tasks(results, workdir, prefix=config.experiment)}  # fmt: skip
+    report.write_curves_to_tensorboard(results, os.path.join(workdir, "tb"))
+    task_2, task_3 = seq.meta_test[0]
+    for path in figures.meta_figures(config, model, rule, history, task_2,
+                                     [task_2.num_classes, task_3.num_classes], test_nets, mean,
+                                     std, workdir, config.task_b.steps_2):  # fmt: skip
+        paths[os.path.splitext(os.path.basename(path))[0]] = path
+    logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
+    logging.info("Wrote %s", ", ".join(paths.values()))
+    return results

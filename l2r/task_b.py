@@ -1,0 +1,329 @@
+"""One runner for learning K tasks in sequence after Task A, probed on every task as it goes.
+
+Exps 1-4 learn one task (K = 1: Task B); Exp 5 learns two (K = 2: Tasks 2 and 3). A run is one
+method over every seed, phase after phase (its state carried across, so the learned rule keeps
+its LSTM memory), each phase a `lax.scan` over host-made index streams in chunks of
+`probe_every` steps (one compiled call per phase, the same shapes every chunk) with a probe of
+every task between chunks. Seeds are a mapped axis, split over the devices (`training.RunAxis`).
+Every method sees the same batches, heads and starting networks for a seed, so differences
+between methods are the methods'.
+
+A method's histories are cached (`cached_history`) under a key of exactly what they depend on
+(`history_key`), so an interrupted comparison resumes at its first unfinished method and adding
+a method to a finished one costs only that method.
+"""
+
+import functools
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from l2r import checkpoint, distributed, keys, models, probe, report, rng, training
+from l2r.data import stream
+from l2r.methods.base import Batch, Method
+
+
+def metric_names(names) -> tuple[str, ...]:
+    """Probe metrics in display order for tasks `names` (("A", "B") or ("1", "2", "3")):
+    readout_X, a fresh linear readout on the frozen representation (§1); original_X, the
+    network's own head for task X (for the first task the pre-trained head: the paper's
+    "Original"); cka_<first>, linear CKA of first-task representations to the start's."""
+    out = [f"{kind}_{n}" for n in names for kind in ("readout", "original")]
+    return (*out, f"cka_{names[0]}")
+
+
+class ProbeSets(NamedTuple):
+    """Device-resident data the probe measures on (possibly subsampled for speed)."""
+
+    tasks: tuple  # (training.DeviceTask, ...): readout fit on .train, accuracy on .test
+    cka_size: int  # CKA uses the first cka_size test images of the first task
+
+
+def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, names, heads, num_classes,
+               chunk: int | None = None):  # fmt: skip
+    """Returns jitted probe(networks_S, sets, ref_rep_S, represent) -> (metrics {name: [S]},
+    rep_S), measuring tasks `names` whose heads are `heads` and class counts `num_classes`.
+    `represent`: a method's task-dependent representation (`Method.represent`, task k = index
+    into `names`), or None for the backbone's. `chunk`: seeds vmapped together."""
+
+    @functools.partial(jax.jit, static_argnames=("cka_size", "represent"))
+    def run(networks, sets, ref_rep, cka_size, represent):
+        def features(network, images, data, task):
+            if represent is None:
+                return training.features(
+                    model.apply, network["backbone"], images, data.mean, data.std
+                )
+            apply = lambda net, x: models.Output(represent(net, x, task), None)  # noqa: E731
+            return training.features(apply, network, images, data.mean, data.std)
+
+        rep = training.map_seeds(
+            lambda n: [
+                (features(n, d.train_images, d, k), features(n, d.test_images, d, k))
+                for k, d in enumerate(sets)
+            ],
+            networks,
+            chunk=chunk,
+        )  # [(train [S, N, D], test [S, M, D])] per task
+        metrics = {}
+        for name, data, head, n, (train, test) in zip(names, sets, heads, num_classes, rep,
+                                                      strict=True):  # fmt: skip
+            metrics[f"readout_{name}"] = probe.readout_accuracies(
+                train, data.train_labels, test, data.test_labels, n, readout_cfg, chunk
+            )
+            metrics[f"original_{name}"] = jax.vmap(
+                lambda net, r, h=head, d=data: probe.head_accuracy(
+                    models.apply_head(net[h], r), d.test_labels
+                )
+            )(networks, test)
+        cka_rep = rep[0][1][:, :cka_size]
+        ref = cka_rep if ref_rep is None else ref_rep
+        metrics[f"cka_{names[0]}"] = jax.vmap(probe.linear_cka)(cka_rep, ref)
+        return metrics, cka_rep
+
+    def probe_fn(networks, sets: ProbeSets, ref_rep=None, represent=None):
+        return run(networks, tuple(sets.tasks), ref_rep, cka_size=sets.cka_size,
+                   represent=represent)  # fmt: skip
+
+    return probe_fn
+
+
+class Streams(NamedTuple):
+    """Host-made batch indices (and augmentation draws) of one phase, every seed and step."""
+
+    idx_b: np.ndarray  # int32 [S, T, B]: the task being learned
+    idx_a: np.ndarray | None  # int32 [S, T, Ba]: the earlier tasks, for methods that see them
+    aug_b: training.Augment | None
+    aug_a: training.Augment | None
+
+
+def make_streams(config, n_b: int, n_a: int, num_seeds: int) -> Streams:
+    """Task B's streams after Task A (K = 1): B from its n_b examples, A from Task A's n_a."""
+    cfg = config.task_b
+    seeds_b = [rng.seed_for(config.seed, "task_b_data", s) for s in range(num_seeds)]
+    seeds_a = [rng.seed_for(config.seed, "task_b_teacher_data", s) for s in range(num_seeds)]
+    idx_b = stream.index_streams(n_b, cfg.batch_size, cfg.steps, seeds_b)
+    idx_a = stream.index_streams(n_a, cfg.teacher_batch_a, cfg.steps, seeds_a)
+    aug_b = aug_a = None
+    if config.data.augment:
+        aug_b = training.augment_streams(cfg.batch_size, cfg.steps, seeds_b)
+        aug_a = training.augment_streams(cfg.teacher_batch_a, cfg.steps, seeds_a)
+    return Streams(idx_b, idx_a, aug_b, aug_a)
+
+
+def sequence_streams(config, n_b: int, a_sizes, num_steps: int, task: int) -> Streams:
+    """Streams of learning task number `task` (2, 3, ...) after tasks of sizes `a_sizes`: B
+    from its n_b examples; A (what rehearsing methods see) balanced over the earlier tasks,
+    indexing their union (`tasks.union` order)."""
+    cfg, s = config.task_b, config.num_seeds
+    seeds_b = [rng.seed_for(config.seed, f"task_{task}_data", i) for i in range(s)]
+    idx_b = stream.index_streams(n_b, cfg.batch_size, num_steps, seeds_b)
+    parts, offset = [], 0
+    # Earlier tasks share the batch equally, the first ones taking the remainder (as the
+    # three-task meta-training episodes do).
+    shares = [len(a) for a in np.array_split(np.arange(cfg.teacher_batch_a), len(a_sizes))]
+    for j, (n, share) in enumerate(zip(a_sizes, shares, strict=True)):
+        seeds = [rng.seed_for(config.seed, f"task_{task}_teacher_data", j, i) for i in range(s)]
+        parts.append(offset + stream.index_streams(n, int(share), num_steps, seeds))
+        offset += n
+    aug_b = aug_a = None
+    if config.data.augment:
+        aug_b = training.augment_streams(cfg.batch_size, num_steps, seeds_b)
+        seeds_a = [rng.seed_for(config.seed, f"task_{task}_teacher_aug", i) for i in range(s)]
+        aug_a = training.augment_streams(cfg.teacher_batch_a, num_steps, seeds_a)
+    return Streams(idx_b, np.concatenate(parts, axis=-1), aug_b, aug_a)
+
+
+class Phase(NamedTuple):
+    """One task of the sequence as a method learns it."""
+
+    method: Method
+    data_a: training.DeviceTask  # the earlier tasks (a rehearsing method's "A")
+    data_b: training.DeviceTask  # the task being learned
+    streams: Streams
+
+
+def make_advance(method: Method, chunk: int | None = None):
+    """Jitted (states_S, data_a, data_b, keys, idx_b, idx_a, aug_b, aug_a) -> (states_S,
+    mean step metrics [S]) over one chunk of steps; `chunk`: seeds vmapped together."""
+
+    def step(carry, xs):
+        state, data_a, data_b = carry
+        key, idx_b, idx_a, aug_b, aug_a = xs
+        x_b, y_b = training.gather(data_b, idx_b, aug_b)
+        x_a = y_a = None
+        if method.uses_task_a:
+            x_a, y_a = training.gather(data_a, idx_a, aug_a)
+        state, metrics = method.step(state, Batch(x_b, y_b, x_a, y_a), key)
+        return (state, data_a, data_b), metrics
+
+    @jax.jit
+    def advance(states, data_a, data_b, keys, idx_b, idx_a, aug_b, aug_a):
+        def one_seed(state, keys, idx_b, idx_a, aug_b, aug_a):
+            carry = (state, data_a, data_b)
+            (state, _, _), metrics = jax.lax.scan(step, carry, (keys, idx_b, idx_a, aug_b, aug_a))
+            return state, jax.tree.map(jnp.mean, metrics)
+
+        return training.map_seeds(one_seed, states, keys, idx_b, idx_a, aug_b, aug_a,
+                                  chunk=chunk)  # fmt: skip
+
+    return advance
+
+
+def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initial_probe,
+               seeds: training.RunAxis | None = None):  # fmt: skip
+    """Runs one method through `phases` for every seed, probing every `task_b.probe_every`
+    steps; its state carries across phases.
+
+    Args:
+      phases: [Phase], in order; the first phase's method initialises the state.
+      networks0: stacked starting networks [S, ...], placed by `seeds` like the phases' data
+        and `probe_sets`.
+      initial_probe: (metrics {name: [S]} on the host, reference CKA representation [S, n, D])
+        of `networks0`, shared by the methods that start from them; None: probe the method's
+        initial states (its own start or representation) and use that.
+      seeds: where the seeds run (split over the devices, or not: the default).
+
+    Returns:
+      ({metric: float array [S, P]} over probe steps 0, probe_every, ..., the last step;
+       seconds training; seconds probing).
+    """
+    seeds = seeds or training.RunAxis(0, enabled=False)
+    first = phases[0].method
+    num_seeds = phases[0].streams.idx_b.shape[0]
+    base_keys = seeds.split(
+        jnp.stack([rng.key_for(config.seed, f"task_b_{first.name}", s) for s in range(num_seeds)])
+    )
+    states = jax.jit(
+        lambda nets, keys, data_a: training.map_seeds(
+            lambda n, k: first.init(n, data_a, k), nets, keys, chunk=seeds.chunk
+        )
+    )(networks0, base_keys, phases[0].data_a)
+    if initial_probe is None:
+        metrics0, ref_rep = probe_fn(
+            jax.vmap(first.network)(states), probe_sets, None, first.represent
+        )
+        initial_probe = seeds.host(metrics0), ref_rep
+    metrics0, ref_rep = initial_probe
+    history = {k: [np.asarray(v)] for k, v in metrics0.items()}
+    history["loss"] = [np.full(num_seeds, np.nan)]
+    train_s = probe_s = 0.0
+    every = config.task_b.probe_every
+    total = sum(p.streams.idx_b.shape[1] for p in phases)
+    progress = report.Progress(total, f"{first.name} x{num_seeds}")
+    offset = 0
+    for phase in phases:
+        method, st = phase.method, phase.streams
+        advance = make_advance(method, seeds.chunk)
+        uses_a = method.uses_task_a
+        for start in range(0, st.idx_b.shape[1], every):
+            stop = start + every
+            steps = jnp.arange(offset + start, offset + stop)
+            keys_ = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(base_keys, steps)
+            t0 = time.time()
+            xs = seeds.split((
+                st.idx_b[:, start:stop],
+                st.idx_a[:, start:stop] if uses_a else None,
+                training.slice_steps(st.aug_b, start, stop),
+                training.slice_steps(st.aug_a, start, stop) if uses_a else None,
+            ))  # fmt: skip
+            states, step_metrics = advance(states, phase.data_a, phase.data_b, keys_, *xs)
+            jax.block_until_ready(states)
+            step_metrics = seeds.host(step_metrics)
+            t1 = time.time()
+            metrics, _ = probe_fn(
+                jax.vmap(method.network)(states), probe_sets, ref_rep, method.represent
+            )
+            metrics = seeds.host(metrics)
+            probe_s += time.time() - t1
+            train_s += t1 - t0
+            for k in metrics0:
+                history[k].append(np.asarray(metrics[k]))
+            history["loss"].append(np.asarray(step_metrics["loss"]))
+            first_readout = next(iter(metrics0))
+            progress.update(offset + stop, loss=float(np.mean(step_metrics["loss"])),
+                            **{first_readout: float(np.mean(metrics[first_readout]))})  # fmt: skip
+        offset += st.idx_b.shape[1]
+    return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache of finished histories.
+
+# The `task_b` subgroups that configure one method each: a method's cache key holds its own
+# subgroup only, so a sweep of one baseline's hyper-parameter reuses the other methods' runs.
+METHOD_GROUPS = ("lwf", "ewc", "hat", "oml", "rep")
+
+
+def cache_dir(config, workdir: str) -> str:
+    """Where finished Task-B histories are cached: `task_b.cache_dir` or <workdir>/task_b."""
+    return config.task_b.get("cache_dir") or os.path.join(workdir, "task_b")
+
+
+def method_modules(methods) -> list[str]:
+    """The modules that define `methods`' functions: what their runs execute besides this one."""
+    fns = [f for m in methods for f in (m.init, m.step, m.network, m.represent) if f is not None]
+    return sorted({f.__module__ for f in fns})
+
+
+def history_key(config, methods, start, data_digest: str) -> str:
+    """Hash of everything a method's histories depend on: its name, the `params` and code of
+    its per-phase `methods`, its starting networks, the data (`data_digest`: every task and
+    the normalisation, by content), the seeds, the `task_b` group (its shared fields and the
+    method's own subgroup, see `METHOD_GROUPS`), the `readout` and `model` groups, and the
+    source of the modules the run executes (this one and the methods' own)."""
+    name = methods[0].name
+    task_b = {
+        k: v
+        for k, v in config.task_b.to_dict().items()
+        if k not in ("methods", "cache_dir") and (k not in METHOD_GROUPS or k == name)
+    }
+    params = [None if m.params is None else checkpoint.digest(m.params) for m in methods]
+    return keys.stage_key(
+        method=name,
+        params=params,
+        start=checkpoint.digest(start),
+        data=data_digest,
+        augment=config.data.augment,
+        seed=config.seed,
+        num_seeds=config.num_seeds,
+        task_b=task_b,
+        readout=config.readout.to_dict(),
+        model=config.model.to_dict(),
+        code=keys.source_digest(__name__, *method_modules(methods)),
+    )
+
+
+def cached_history(path: str | None, run):
+    """`run()` -> (history, train_s, probe_s) of `run_phases`, saved to `path` (.npz), or read
+    from it when a finished file is there; `path` None: no cache. Process 0 writes (through a
+    temporary name, so a killed run leaves no half file); every process reads.
+
+    Returns:
+      (history, train_s, probe_s, reused: whether they were read from `path`).
+    """
+    if path is None:
+        return (*run(), False)
+    found = np.asarray(os.path.exists(path))
+    if jax.process_count() > 1:  # One decision for all processes: they run collectives.
+        found = multihost_utils.broadcast_one_to_all(found)
+    if found:
+        with np.load(path) as f:
+            history = {k: f[k] for k in f.files if not k.startswith("_")}
+            train_s, probe_s = float(f["_train_s"]), float(f["_probe_s"])
+        logging.info("Reusing the Task-B histories in %s (trained for %.0f s then).", path,
+                     train_s)  # fmt: skip
+        return history, train_s, probe_s, True
+    history, train_s, probe_s = run()
+    if distributed.is_main():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **history, _train_s=train_s, _probe_s=probe_s)
+        os.replace(tmp, path)
+    return history, train_s, probe_s, False
