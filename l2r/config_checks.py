@@ -10,8 +10,8 @@ import ml_collections
 from l2r import metalearner, probe
 from l2r.data import sources
 from l2r.methods import registry
+from l2r.models import registry as model_registry
 
-MODEL_NAMES = ("resnet", "convnet")
 SCHEDULES = ("constant", "cosine", "step")
 
 
@@ -29,8 +29,8 @@ def check_common(config: ml_collections.ConfigDict, task_b: bool = True) -> None
     `data.classes_b`, whose later tasks come from class pools, as Exp 5)."""
     require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; use 1 or more.")
     require(
-        config.model.name in MODEL_NAMES,
-        f"model.name={config.model.name!r}; choose one of {', '.join(MODEL_NAMES)}.",
+        config.model.name in model_registry.names(),
+        f"model.name={config.model.name!r}; choose one of {', '.join(model_registry.names())}.",
     )
     if config.model.name == "resnet":
         require(

@@ -175,6 +175,14 @@ def make_advance(method: Method, chunk: int | None = None):
     return advance
 
 
+def switch_states(method: Method, states, keys, data_done, chunk: int | None = None):
+    """`method.switch` over the seeds: the states after the previous task, made this one's."""
+    switch = jax.jit(lambda states, keys, data: training.map_seeds(
+        lambda st, k: method.switch(st, data, k), states, keys, chunk=chunk
+    ))  # fmt: skip
+    return switch(states, keys, data_done)
+
+
 def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initial_probe,
                seeds: training.RunAxis | None = None):  # fmt: skip
     """Runs one method through `phases` for every seed, probing every `task_b.probe_every`
@@ -217,8 +225,14 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
     total = sum(p.streams.idx_b.shape[1] for p in phases)
     progress = report.Progress(total, f"{first.name} x{num_seeds}")
     offset = 0
-    for phase in phases:
+    for i, phase in enumerate(phases):
         method, st = phase.method, phase.streams
+        if i > 0 and method.switch is not None:  # The next task begins (Exp 5).
+            switch_keys = seeds.split(jnp.stack([
+                rng.key_for(config.seed, f"task_b_{first.name}_switch", s, i)
+                for s in range(num_seeds)
+            ]))  # fmt: skip
+            states = switch_states(method, states, switch_keys, phases[i - 1].data_b, seeds.chunk)
         advance = make_advance(method, seeds.chunk)
         uses_a = method.uses_task_a
         for start in range(0, st.idx_b.shape[1], every):
@@ -267,7 +281,8 @@ def cache_dir(config, workdir: str) -> str:
 
 def method_modules(methods) -> list[str]:
     """The modules that define `methods`' functions: what their runs execute besides this one."""
-    fns = [f for m in methods for f in (m.init, m.step, m.network, m.represent) if f is not None]
+    fns = [f for m in methods for f in (m.init, m.step, m.network, m.represent, m.switch)
+           if f is not None]  # fmt: skip
     return sorted({f.__module__ for f in fns})
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2r import models, run_b, training
+from l2r import models, task_b, training
 from l2r.methods import Batch, ewc, lwf, make_sgd
 
 LR = 0.1
@@ -79,7 +79,7 @@ def test_lwf_distillation_is_zero_at_the_old_network(tiny):
     assert float(metrics["distill"]) == 0.0
     # The KL is at its minimum there: its gradient vanishes too.
     distill = lambda n: lwf.objective(
-        model, n, state.old_backbone, state.old_head_a, batch, 1.0, 2.0
+        model, n, state.old_backbone, state.old_heads, batch, 1.0, 2.0
     )[1][1]
     grads = jax.jit(jax.grad(distill))(network)
     chex.assert_trees_all_close(grads, jax.tree.map(jnp.zeros_like, grads), atol=1e-6)
@@ -105,7 +105,8 @@ def test_lwf_gradient_matches_finite_differences(tiny):
         old = cast(network, jnp.float64)
         net = perturb(old, 1, 0.3)  # Away from the old network, so the KL is not flat.
         b64 = Batch(jnp.asarray(batch.x_b, jnp.float64), batch.y_b)
-        f = lambda n: lwf.objective(model, n, old["backbone"], old["head_a"], b64, 0.7, 2.0)[0]
+        heads = {"head_a": old["head_a"]}
+        f = lambda n: lwf.objective(model, n, old["backbone"], heads, b64, 0.7, 2.0)[0]
         grads = jax.jit(jax.grad(f))(net)
         v = perturb(jax.tree.map(jnp.zeros_like, net), 2, 1.0)
         analytic = sum(
@@ -117,11 +118,11 @@ def test_lwf_gradient_matches_finite_differences(tiny):
         assert abs(float(analytic)) > 1e-3
         np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
         # The distillation term alone has a non-zero gradient into the Task-A head.
-        d = lambda n: lwf.objective(model, n, old["backbone"], old["head_a"], b64, 1.0, 2.0)[1][1]
+        d = lambda n: lwf.objective(model, n, old["backbone"], heads, b64, 1.0, 2.0)[1][1]
         assert float(jnp.abs(jax.jit(jax.grad(d))(net)["head_a"]["kernel"]).max()) > 1e-4
         # A step is plain SGD on the objective, over all three parts of the network.
         method = lwf.make_lwf(model, LR, coef=0.7, temperature=2.0)
-        state = lwf.LwfState(net, old["backbone"], old["head_a"])
+        state = lwf.LwfState(net, old["backbone"], {"head_a": old["head_a"]})
         stepped, _ = jax.jit(method.step)(state, b64, None)
         expected = jax.tree.map(lambda p, g: p - LR * g, net, grads)
         chex.assert_trees_all_close(stepped.network, expected, rtol=1e-12, atol=1e-12)
@@ -142,7 +143,7 @@ def test_lwf_trains_head_a_keeps_the_old_copy_and_is_deterministic(tiny):
     state = run_steps(method, network, data_a, batches)
     assert not np.allclose(state.network["head_a"]["kernel"], network["head_a"]["kernel"])
     chex.assert_trees_all_equal(state.old_backbone, network["backbone"])
-    chex.assert_trees_all_equal(state.old_head_a, network["head_a"])
+    chex.assert_trees_all_equal(state.old_heads, {"head_a": network["head_a"]})
     chex.assert_trees_all_equal(run_steps(method, network, data_a, batches), state)
     with pytest.raises(ValueError, match="temperature"):
         lwf.make_lwf(model, LR, coef=1.0, temperature=0.0)
@@ -298,7 +299,7 @@ def test_ewc_init_is_deterministic_and_runs_in_the_task_b_scan(tiny):
     chex.assert_trees_all_equal(jax.jit(method.init)(network, data_a, jax.random.key(1)), a)
     b = jax.jit(method.init)(network, data_a, jax.random.key(2))
     assert not np.allclose(a.fisher["conv0"]["kernel"], b.fisher["conv0"]["kernel"])
-    # As `run_b` runs it: init and 2 steps for 2 seeds under map_seeds and scan.
+    # As `task_b` runs it: init and 2 steps for 2 seeds under map_seeds and scan.
     nets = jax.tree.map(lambda v: jnp.stack([v, v]), network)
     keys = jax.random.split(jax.random.key(0), 2)
     states = jax.jit(lambda n, k: training.map_seeds(lambda a, b: method.init(a, data_a, b), n, k))(
@@ -307,7 +308,7 @@ def test_ewc_init_is_deterministic_and_runs_in_the_task_b_scan(tiny):
     data_b = data_a._replace(train_labels=data_a.train_labels % NUM_B)
     idx = jnp.array([[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2)
     step_keys = jax.random.split(jax.random.key(3), 4).reshape(2, 2)
-    out, metrics = run_b.make_advance(method)(
+    out, metrics = task_b.make_advance(method)(
         states, data_a, data_b, step_keys, idx, None, None, None
     )
     chex.assert_tree_all_finite((out, metrics))

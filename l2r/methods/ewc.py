@@ -149,8 +149,15 @@ def make_ewc(
     fisher_examples: int = 1024,
     name: str = "ewc",
     chunk: int | None = None,
+    head: str = "head_b",
 ) -> Method:
     """EWC on Task B: SGD at `learning_rate` on CE_B + (coef/2) Σ F (w − w*)².
+
+    With `head` a later task's head ('head_c': Task 3 of Exp 5), the method learns that task
+    after the one before it: its `switch` adds the finished task's Fisher (at the weights it
+    ended with, through its own head, on its own training data) to the Fisher so far and moves
+    the anchor w* there: the accumulated Laplace approximation of every earlier task (Huszár
+    2018), one quadratic penalty whatever the number of tasks.
 
     Args:
       model: the backbone.
@@ -175,21 +182,29 @@ def make_ewc(
         f, _, _ = task_fisher(model, network, data_a, key, fisher, fisher_examples, chunk)
         return EwcState(network, network["backbone"], f)
 
-    def loss_fn(trainable, head_a, anchor, f, batch: Batch):
+    def loss_fn(trainable, anchor, f, batch: Batch):
         rep_BD = model.apply(trainable["backbone"], batch.x_b).representation
-        ce_b = training.cross_entropy(models.apply_head(trainable["head_b"], rep_BD), batch.y_b)
+        ce_b = training.cross_entropy(models.apply_head(trainable[head], rep_BD), batch.y_b)
         pen = penalty(trainable["backbone"], anchor, f, coef)
         return ce_b + pen, (ce_b, pen)
 
     def step(state: EwcState, batch: Batch, key):
         del key
         net = state.network
-        trainable = {"backbone": net["backbone"], "head_b": net["head_b"]}
+        trainable = {"backbone": net["backbone"], head: net[head]}
         (_, (ce_b, pen)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, net["head_a"], state.anchor, state.fisher, batch
+            trainable, state.anchor, state.fisher, batch
         )
         trainable = jax.tree.map(lambda p, g: p - learning_rate * g, trainable, grads)
         # head_a (and anything else the network carries) passes on unchanged.
         return state._replace(network={**net, **trainable}), {"loss": ce_b, "penalty": pen}
 
-    return Method(name=name, init=init, step=step, network=lambda s: s.network)
+    def switch(state: EwcState, data_done, key):
+        net = state.network
+        previous = "head_" + chr(ord(head[-1]) - 1)  # the finished task's head
+        f, _, _ = task_fisher(model, {**net, "head_a": net[previous]}, data_done, key, fisher,
+                              fisher_examples, chunk)  # fmt: skip
+        return EwcState(net, net["backbone"], jax.tree.map(jnp.add, state.fisher, f))
+
+    return Method(name=name, init=init, step=step, network=lambda s: s.network,
+                  switch=switch if head != "head_b" else None)  # fmt: skip

@@ -1,54 +1,9 @@
-"""HAT: hard attention to the task (Serrà et al., 2018) as a Task-B method (§4 baseline).
-
-Every unit layer l (each GroupNorm, and the dense `hidden` layer; `models.Model.units`) has a
-learnable embedding e_t,l [C] per task t (A, B); its gate a_t,l = σ(s·e_t,l) multiplies the
-layer's output channels after the normalisation (HAT §2.2, "after the normalisation" for
-normalised layers). The scale s is annealed from 1/s_max to s_max over the batches of an epoch
-(HAT eq. 1), s = 1/s_max + (s_max − 1/s_max)·(b − 1)/(B − 1) for batch b = 1..B, so the gates
-are soft while training and almost binary at s = s_max, where a task is evaluated.
-
-Task A (`pretrain_hat`): the backbone, the Task-A head and e_A train together with the gates
-in the forward pass; an epoch is B = floor(n_train / batch_size) batches, the same epochs as
-`l2r.data.stream.index_stream`, and s restarts at 1/s_max every epoch. Loss: cross-entropy +
-λ·Σ_l Σ a_A,l / Σ_l C_l (HAT eq. 5 with nothing before A: the mean gate). Optimiser: the
-pre-training one (`pretrain.make_optimizer`: SGD with momentum, the `pretrain` schedule, decay
-on kernels only, so never on embeddings), from the same init and batches as plain pre-training
-(same random streams), so HAT's Task-A network differs from the plain one only by HAT.
-
-Task B (`make_hat`): a^{<B} = σ(s_max·e_A) (HAT keeps the cumulative gates at s_max, not
-rounded to {0, 1}). Each step, with s annealed over the Task-B run (`anneal_steps` steps, the
-run's length, restarting after that many steps):
-  * loss: cross-entropy of the Task-B head on the backbone gated by a_B = σ(s·e_B), plus
-    λ·Σ a_B·(1 − a^{<B}) / Σ (1 − a^{<B}) (HAT eq. 5; 0 if A uses every unit);
-  * weight gradients multiplied by 1 − min(a^{<B}_out, a^{<B}_in) (HAT eq. 2): `out` the gate of
-    the unit layer a weight writes to, `in` that of the units it reads (the max over the
-    unit layers of a residual sum; 1 for the image). Conv kernels use, for `out`, the max gate
-    over the output channel's GroupNorm group: GroupNorm's mean and variance couple the
-    channels of a group, so a kernel feeding a channel A does not use still changes A's
-    channels in the same group (with BatchNorm, as in HAT, this does not arise). GroupNorm
-    scales/biases and dense biases act on one channel: 1 − a^{<B} of that channel;
-  * the e_B gradient compensated (HAT eq. 3, as in the authors' code):
-    g · s_max·[cosh(clip(s·e, ±50)) + 1] / (s·[cosh(e) + 1]), which turns the gradient through
-    σ(s·e) into s_max·σ'(e)·∂L/∂a whatever s is; note the denominator is cosh(e), not cosh(s·e);
-  * plain SGD (lr `learning_rate`, like the other Task-B methods) on the backbone, the Task-B
-    head and e_B; then e_B is clipped to ±clip_embedding (the authors' code: 6).
-The Task-A head and e_A are never updated. e_B starts N(0, 1) (the authors' torch.nn.Embedding
-default), as does e_A. Not reproduced from the authors' code: its gradient-norm clipping at
-10⁴ (never active at our scales) and its validation-based learning-rate decay.
-
-With binary Task-A gates (large s_max) and SGD, every parameter that can change A's output
-through A's gates gets a zero gradient, so A's gated representation is exactly preserved
-(`hat_test.py`). With the paper's s_max = 3 the gates are σ(3·e) with |e| ≤ 6, so units A uses
-keep a fraction 1 − σ(3·e) of their gradient (e.g. 5% at e = 1): protection is partial.
-
-Network layout (what `init` takes and `network(state)` returns): the usual
-{'backbone', 'head_a', 'head_b'} plus 'hat': {'emb_a': {unit: [C]}, 'emb_b': {unit: [C]}};
-`init` draws 'emb_b' when it is missing and raises without 'emb_a'. `represent(network, x,
-task)` is the backbone gated by task's gates at s = s_max (task 0 = A, 1 = B).
+"""HAT, hard attention to the task (Serrà et al., 2018), a §4 baseline: learnable per-task gates
+on every unit layer, whose Task-A values shield the weights Task A uses from Task B's gradients.
+`pretrain_hat` learns Task A with its gates, `make_hat` learns Task B; each says where it follows
+or departs from the paper and the authors' code.
 """
 
-import hashlib
-import json
 import os
 from typing import NamedTuple
 
@@ -58,7 +13,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from l2r import checkpoint, models, pretrain, report, rng, training
+from l2r import checkpoint, keys, models, pretrain, report, rng, training
 from l2r.data import stream
 from l2r.methods.base import Batch, Method
 
@@ -83,13 +38,19 @@ def init_embeddings(key: jax.Array, model: models.Model) -> dict:
 
 
 def gates(embeddings: dict, s) -> dict[str, jax.Array]:
-    """HAT eq. 1: {unit layer path: σ(s·e)}, flat (the `masks` of `Model.apply`)."""
+    """HAT eq. 1: {unit layer path: σ(s·e)}, flat (the `masks` of `Model.apply`).
+
+    Every unit layer (each GroupNorm, and the dense `hidden` layer: `models.Model.units`) has an
+    embedding e [C] per task; its gate multiplies the layer's output channels after the
+    normalisation (HAT §2.2). Soft while s is small, almost binary at s = s_max.
+    """
     flat = traverse_util.flatten_dict(embeddings, sep="/")
     return {k: jax.nn.sigmoid(s * e) for k, e in flat.items()}
 
 
 def anneal(batch, num_batches: int, s_max: float):
-    """s for 0-based `batch` of `num_batches` (HAT eq. 1 with b = batch + 1); s_max if B = 1."""
+    """s for 0-based `batch` of `num_batches` (HAT eq. 1 with b = batch + 1); s_max if B = 1:
+    s = 1/s_max + (s_max − 1/s_max)·(b − 1)/(B − 1), from 1/s_max to s_max over B batches."""
     if num_batches <= 1:
         return jnp.float32(s_max)
     frac = jnp.asarray(batch, jnp.float32) / (num_batches - 1)
@@ -107,7 +68,11 @@ def attention_penalty(masks: dict[str, jax.Array], previous: dict | None = None)
 
 
 def compensate(grads: dict, embeddings: dict, s, s_max: float) -> dict:
-    """HAT eq. 3: g · s_max·[cosh(clip(s·e, ±50)) + 1] / (s·[cosh(e) + 1]), leafwise."""
+    """HAT eq. 3: g · s_max·[cosh(clip(s·e, ±50)) + 1] / (s·[cosh(e) + 1]), leafwise.
+
+    As in the authors' code, this turns the gradient through σ(s·e) into s_max·σ'(e)·∂L/∂a
+    whatever s is; the denominator is cosh(e), not cosh(s·e).
+    """
 
     def one(g, e):
         num = jnp.cosh(jnp.clip(s * e, -THRES_COSH, THRES_COSH)) + 1.0
@@ -133,6 +98,12 @@ def conditioning(model: models.Model, previous: dict[str, jax.Array], backbone: 
     Returns:
       Factors shaped like `backbone`'s leaves: kernels [.., Cin, Cout] get 1 − min(a_in, a_out)
       (conv a_out: max over its GroupNorm group), 1-D leaves 1 − a_out of their channel.
+
+    `out` is the gate of the unit layer a weight writes to, `in` that of the units it reads (the
+    max over the unit layers of a residual sum; 1 for the image). A conv kernel's `out` is the
+    max over its output channel's GroupNorm group: GroupNorm's mean and variance couple the
+    channels of a group, so a kernel feeding a channel A does not use still changes A's
+    channels in the same group (with BatchNorm, as in HAT, this does not arise).
     """
     groups = model.kwargs["groups"]
     out = {}
@@ -172,10 +143,50 @@ def make_hat(
     clip_embedding: float,
     anneal_steps: int,
     name: str = "hat",
+    head: str = "head_b",
 ) -> Method:
-    """HAT on Task B (module docstring); `anneal_steps` is the Task-B run's length in steps."""
+    """HAT on Task B; `anneal_steps` is the Task-B run's length in steps.
+
+    With `head` a later task's head ('head_c': Task 3 of Exp 5) the method learns that task
+    after the one before it, with its own embeddings 'emb_c' (drawn by `init` with the others;
+    `switch` restarts the annealing of s): the gates of every earlier task combine by their maximum,
+    a^{<t} = max over earlier tasks of σ(s_max·e) (HAT §2.3), and shield the weights those tasks
+    use.
+
+    The Task-A gates a^{<B} = σ(s_max·e_A) (kept at s_max as HAT does, not rounded to {0, 1}).
+    Each step, with s annealed over `anneal_steps` steps (restarting after that many):
+      * loss: cross-entropy of the Task-B head on the backbone gated by a_B = σ(s·e_B), plus
+        λ·Σ a_B·(1 − a^{<B}) / Σ (1 − a^{<B}) (HAT eq. 5; 0 if A uses every unit);
+      * weight gradients times 1 − min(a^{<B}_out, a^{<B}_in) (HAT eq. 2, `conditioning`);
+      * the e_B gradient compensated (HAT eq. 3, `compensate`);
+      * plain SGD (like the other Task-B methods) on the backbone, the Task-B head and e_B;
+        then e_B is clipped to ±clip_embedding (the authors' code: 6).
+    The Task-A head and e_A are never updated; e_B starts N(0, 1) (the authors'
+    torch.nn.Embedding default), as does e_A. Not reproduced from the authors' code: its
+    gradient-norm clipping at 10⁴ (never active at our scales) and its validation-based
+    learning-rate decay.
+
+    With binary Task-A gates (large s_max) every parameter that can change A's output through
+    A's gates gets a zero gradient, so A's gated representation is exactly preserved
+    (`hat_test.py`). With the paper's s_max = 3 the gates are σ(3·e) with |e| ≤ 6, so units A
+    uses keep a fraction 1 − σ(3·e) of their gradient (5% at e = 1): protection is partial.
+
+    Networks are the usual {'backbone', 'head_a', 'head_b'} plus 'hat': {'emb_a': {unit: [C]},
+    'emb_b': {unit: [C]}}; `init` draws 'emb_b' when it is missing and raises without 'emb_a'.
+    `represent(network, x, task)` is the backbone gated by the task's gates at s = s_max (task
+    0 = A, 1 = B).
+    """
     if anneal_steps < 1:
         raise ValueError(f"make_hat: anneal_steps must be >= 1, got {anneal_steps!r}.")
+    emb = "emb_" + head[-1]  # this task's embeddings
+    earlier = [f"emb_{c}" for c in "abcdefgh" if c < head[-1]]
+
+    def previous_gates(hat: dict) -> dict:
+        """a^{<t}: the earlier tasks' gates at s_max, combined by their maximum."""
+        out = gates(hat[earlier[0]], s_max)
+        for e in earlier[1:]:
+            out = jax.tree.map(jnp.maximum, out, gates(hat[e], s_max))
+        return out
 
     def init(network, data_a, key):
         del data_a
@@ -187,12 +198,17 @@ def make_hat(
             )
         if "emb_b" not in hat:
             hat["emb_b"] = init_embeddings(key, model)
+        # Later tasks' embeddings (a network with 'head_c', ...) are drawn now too, so the probe
+        # reads every task through its own gates from the start, as for Task B.
+        for i, c in enumerate("cdefgh", 1):
+            if f"head_{c}" in network and f"emb_{c}" not in hat:
+                hat[f"emb_{c}"] = init_embeddings(jax.random.fold_in(key, i), model)
         return HatState({**network, "hat": hat}, jnp.zeros((), jnp.int32))
 
     def loss_fn(trainable, previous, s, batch: Batch):
-        masks = gates(trainable["emb_b"], s)
+        masks = gates(trainable[emb], s)
         rep = model.apply(trainable["backbone"], batch.x_b, masks=masks).representation
-        ce = training.cross_entropy(models.apply_head(trainable["head_b"], rep), batch.y_b)
+        ce = training.cross_entropy(models.apply_head(trainable[head], rep), batch.y_b)
         penalty = attention_penalty(masks, previous)
         return ce + reg * penalty, (ce, penalty)
 
@@ -200,32 +216,33 @@ def make_hat(
         del key
         network = state.network
         s = anneal(state.step % anneal_steps, anneal_steps, s_max)
-        previous = gates(network["hat"]["emb_a"], s_max)
+        previous = previous_gates(network["hat"])
         trainable = {
             "backbone": network["backbone"],
-            "head_b": network["head_b"],
-            "emb_b": network["hat"]["emb_b"],
+            head: network[head],
+            emb: network["hat"][emb],
         }
         grads, (ce, penalty) = jax.grad(loss_fn, has_aux=True)(trainable, previous, s, batch)
         factors = conditioning(model, previous, grads["backbone"])
         grads["backbone"] = jax.tree.map(jnp.multiply, grads["backbone"], factors)
-        grads["emb_b"] = compensate(grads["emb_b"], trainable["emb_b"], s, s_max)
+        grads[emb] = compensate(grads[emb], trainable[emb], s, s_max)
         trainable = jax.tree.map(lambda p, g: p - learning_rate * g, trainable, grads)
-        hat = {
-            "emb_a": network["hat"]["emb_a"],
-            "emb_b": clip_embeddings(trainable["emb_b"], clip_embedding),
-        }
+        hat = {**network["hat"], emb: clip_embeddings(trainable[emb], clip_embedding)}
         network = {
             **network,
             "backbone": trainable["backbone"],
-            "head_b": trainable["head_b"],
+            head: trainable[head],
             "hat": hat,
         }
         return HatState(network, state.step + 1), {"loss": ce, "attention": penalty, "s": s}
 
     def represent(network, x, task):
-        emb = network["hat"]["emb_a" if task == 0 else "emb_b"]
-        return gated_representation(model, network["backbone"], emb, s_max, x)
+        embeddings = network["hat"]["emb_" + "abcdefgh"[task]]
+        return gated_representation(model, network["backbone"], embeddings, s_max, x)
+
+    def switch(state: HatState, data_done, key):
+        del data_done, key
+        return HatState(state.network, jnp.zeros((), jnp.int32))
 
     return Method(
         name=name,
@@ -233,16 +250,22 @@ def make_hat(
         step=step,
         network=lambda state: state.network,
         represent=represent,
+        switch=switch if head != "head_b" else None,
     )
 
 
 # --- Task-A pre-training with HAT ------------------------------------------------------------
 
 
-def fingerprint(config) -> str:
-    """Hash of what HAT's Task-A pre-training depends on: plain pre-training's plus task_b.hat."""
-    blob = {"pretrain": pretrain.fingerprint(config), "hat": config.task_b.hat.to_dict()}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+def fingerprint(config, task: training.DeviceTask) -> str:
+    """The key of HAT's Task-A pre-training: pre-training's `recipe` plus `task_b.hat`, the
+    content of `task` and the source this module executes."""
+    return keys.stage_key(
+        **pretrain.recipe(config),
+        hat=config.task_b.hat.to_dict(),
+        data=checkpoint.digest(task),
+        code=keys.source_digest(__name__),
+    )
 
 
 def _train_hat(config, model, task, seeds, ckpt_ids):
@@ -289,25 +312,28 @@ def _train_hat(config, model, task, seeds, ckpt_ids):
         return (p, opt_s, data), ce
 
     @jax.jit
-    def run_chunk(p, opt_s, data, idx_chunk, aug_chunk, steps):
+    def run_chunk(carry, data, xs):
+        idx_chunk, aug_chunk, steps = xs  # Step numbers [T], shared by the seeds.
+
         def one_seed(p, opt_s, i, a):
             (p, opt_s, _), losses = jax.lax.scan(step, (p, opt_s, data), (i, a, steps))
-            return p, opt_s, losses.mean()
+            return (p, opt_s), losses.mean()
 
-        return training.map_seeds(one_seed, p, opt_s, idx_chunk, aug_chunk)
+        return training.map_seeds(one_seed, *carry, idx_chunk, aug_chunk)
 
-    progress = report.Progress(cfg.steps, f"pretrain HAT x{len(seeds)}")
-    for start in range(0, cfg.steps, pretrain.CHUNK_STEPS):
-        stop = min(start + pretrain.CHUNK_STEPS, cfg.steps)
-        params, opt_state, loss = run_chunk(
-            params,
-            opt_state,
-            task,
+    (params, _), _ = training.run_chunked(
+        lambda carry, xs: run_chunk(carry, task, xs),
+        (params, opt_state),
+        cfg.steps,
+        training.CHUNK_STEPS,
+        lambda start, stop: (
             idx[:, start:stop],
             training.slice_steps(aug, start, stop),
             jnp.arange(start, stop),
-        )
-        progress.update(stop, loss=float(loss.mean()))
+        ),
+        progress=report.Progress(cfg.steps, f"pretrain HAT x{len(seeds)}"),
+        on_chunk=lambda stop, carry, loss: {"loss": float(loss.mean())},
+    )
 
     @jax.jit
     def evaluate(params, data):
@@ -329,6 +355,14 @@ def _train_hat(config, model, task, seeds, ckpt_ids):
 def pretrain_hat(config, model: models.Model, task_a: training.DeviceTask, workdir: str):
     """`pretrain.pretrained_networks` for HAT: Task-A networks with their Task-A embeddings.
 
+    The backbone, the Task-A head and e_A train together with the gates in the forward pass.
+    An epoch is B = floor(n_train / batch_size) batches, the epochs of
+    `l2r.data.stream.index_stream`, and s restarts at 1/s_max every epoch. Loss: cross-entropy
+    + λ·Σ_l Σ a_A,l / Σ_l C_l (HAT eq. 5 with no task before A: the mean gate). Optimiser: the
+    pre-training one (`pretrain.make_optimizer`: decay on kernels only, so never on
+    embeddings), from the same init and batches as plain pre-training (same random streams), so
+    HAT's Task-A network differs from the plain one only by HAT.
+
     Hyper-parameters come from `config.pretrain` (steps, batch, optimiser) and
     `config.task_b.hat` (s_max, reg, clip_embedding). Checkpoints are cached like plain
     pre-training's, under <pretrain dir>/hat-<fingerprint>/ckpt_<i>.
@@ -338,7 +372,9 @@ def pretrain_hat(config, model: models.Model, task_a: training.DeviceTask, workd
       through the Task-A gates at s_max [n], seconds spent training).
     """
     cfg = config.pretrain
-    root = os.path.join(cfg.dir or os.path.join(workdir, "pretrain"), "hat-" + fingerprint(config))
+    root = os.path.join(
+        cfg.dir or os.path.join(workdir, "pretrain"), "hat-" + fingerprint(config, task_a)
+    )
 
     def train(ids):
         seeds = [rng.seed_for(config.seed, "pretrain_data", i) for i in ids]

@@ -34,11 +34,11 @@ from l2r.methods.base import Batch, Method
 
 
 class LwfState(NamedTuple):
-    """The network being trained and the frozen pre-trained copy that provides the targets."""
+    """The network being trained and the frozen copy that provides the targets."""
 
-    network: dict  # {'backbone', 'head_a', 'head_b'}, all trained.
-    old_backbone: dict  # Pre-trained backbone, frozen.
-    old_head_a: dict  # Pre-trained Task-A head, frozen.
+    network: dict  # {'backbone', 'head_a', 'head_b', ...}, all trained.
+    old_backbone: dict  # The backbone before the current task, frozen.
+    old_heads: dict  # {head name: frozen copy} of every earlier task's head.
 
 
 def distillation(old_logits_BK: jax.Array, logits_BK: jax.Array, temperature: float) -> jax.Array:
@@ -62,22 +62,31 @@ def objective(
     model: models.Model,
     network: dict,
     old_backbone: dict,
-    old_head_a: dict,
+    old_heads: dict,
     batch: Batch,
     coef: float,
     temperature: float,
+    head: str = "head_b",
 ):
-    """The LwF loss of `network` on one Task-B batch.
+    """The LwF loss of `network` on one batch of the task whose head is `head`.
+
+    Args:
+      old_heads: {head name: frozen head} of the earlier tasks; each of `network`'s heads of
+        those names is distilled towards the frozen copy's answers (the terms summed).
 
     Returns:
-      (total loss, (Task-B cross-entropy, distillation term before `coef`)); differentiate with
-      respect to `network` only (the old copies are treated as constants).
+      (total loss, (the current task's cross-entropy, distillation term before `coef`));
+      differentiate with respect to `network` only (the old copies are constants).
     """
     rep_BD = model.apply(network["backbone"], batch.x_b).representation
-    ce_b = training.cross_entropy(models.apply_head(network["head_b"], rep_BD), batch.y_b)
+    ce_b = training.cross_entropy(models.apply_head(network[head], rep_BD), batch.y_b)
     old_rep_BD = model.apply(old_backbone, batch.x_b).representation
-    old_logits_BK = jax.lax.stop_gradient(models.apply_head(old_head_a, old_rep_BD))
-    distill = distillation(old_logits_BK, models.apply_head(network["head_a"], rep_BD), temperature)
+    terms = [
+        distillation(jax.lax.stop_gradient(models.apply_head(old, old_rep_BD)),
+                     models.apply_head(network[name], rep_BD), temperature)
+        for name, old in old_heads.items()
+    ]  # fmt: skip
+    distill = sum(terms[1:], terms[0])
     return ce_b + coef * distill, (ce_b, distill)
 
 
@@ -87,8 +96,13 @@ def make_lwf(
     coef: float,
     temperature: float,
     name: str = "lwf",
+    head: str = "head_b",
 ) -> Method:
     """LwF on Task B: SGD at `learning_rate` on CE_B + coef · T² · KL to the frozen old A head.
+
+    With `head` another task's head ('head_c': Task 3 of Exp 5), the method learns that task
+    after the one before it: its `switch` freezes the network as it is then, and every earlier
+    head is distilled towards the frozen copy (Li & Hoiem's multi-task form, the terms summed).
 
     Args:
       model: the backbone.
@@ -106,18 +120,25 @@ def make_lwf(
 
     def init(network, data_a, key):
         del data_a, key
-        return LwfState(network, network["backbone"], network["head_a"])
+        return LwfState(network, network["backbone"], {"head_a": network["head_a"]})
 
     def step(state: LwfState, batch: Batch, key):
         del key
-        trainable = {k: state.network[k] for k in ("backbone", "head_a", "head_b")}
+        trainable = {k: state.network[k] for k in ("backbone", *state.old_heads, head)}
         grad_fn = jax.value_and_grad(objective, argnums=1, has_aux=True)
         (total, (ce_b, distill)), grads = grad_fn(
-            model, trainable, state.old_backbone, state.old_head_a, batch, coef, temperature
+            model, trainable, state.old_backbone, state.old_heads, batch, coef, temperature, head
         )
         trainable = jax.tree.map(lambda p, g: p - learning_rate * g, trainable, grads)
         metrics = {"loss": ce_b, "distill": distill, "total": total}
         # Entries other than the three trained ones (if a start network carries any) pass on.
         return state._replace(network={**state.network, **trainable}), metrics
 
-    return Method(name=name, init=init, step=step, network=lambda s: s.network)
+    def switch(state: LwfState, data_done, key):
+        del data_done, key
+        net = state.network
+        earlier = {k: net[k] for k in ("head_a", "head_b", "head_c", "head_d") if k < head}
+        return LwfState(net, net["backbone"], earlier)
+
+    return Method(name=name, init=init, step=step, network=lambda s: s.network,
+                  switch=switch if head != "head_b" else None)  # fmt: skip

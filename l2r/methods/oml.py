@@ -1,37 +1,8 @@
-"""MAML in the style of OML (Javed & White 2019), as the paper replicates it (§5.1).
-
-"MAML unrolls the readout SGD steps for 10 steps on Task B, and backprop through SGD from the
-'query' set to learn a good representation of the backbone. During meta-test we follow the same
-protocol as SGD." So this baseline only changes the network Task B starts from: the pre-trained
-backbone is meta-trained on the meta-training data (classes disjoint from the meta-test Task B;
-Exp 1: DB1), and Task B is then learned with `make_sgd` and probed like every other method.
-
-One outer step (`meta_loss`), following OML's recipe:
-  1. sample a trajectory of `inner_steps` support batches (`support_batch` examples each) and a
-     random query batch (`query_batch`), all distinct examples of the meta-training task;
-  2. starting from a zero readout over the task's classes (OML resets the output rows of the
-     classes it is about to learn), take `inner_steps` SGD steps (lr `inner_lr`) of the readout
-     on the frozen backbone's representations of the support batches (`adapt_readout`);
-  3. the meta-loss is the adapted readout's cross-entropy on the query set, which is, as in
-     OML, the random batch together with the trajectory's own examples (mean over all of them);
-  4. its gradient w.r.t. the backbone goes through the representations of both sets and through
-     the whole unroll (`jax.grad` through the `lax.scan`, second-order terms included); Adam
-     (`outer_lr`) updates the backbone.
-
-Departures from OML, and why:
-  * OML also meta-learns the readout's initialisation; here the meta-test readout is the
-    pipeline's fresh Task-B head, so only the backbone is kept and the inner loop starts from
-    zero every step.
-  * OML's trajectories are class-incremental; the paper unrolls "readout SGD steps on Task B",
-    whose batches are i.i.d., so the support batches are i.i.d. too.
-  * Task A is not in the query: OML's query is the meta-training task alone. The Task-A head is
-    returned unchanged, so the Original-A probe sees how far the backbone moved away from it.
-  * The unroll is not rematerialised: the backbone runs once per outer step on all examples;
-    the scanned readout steps hold only [B, D] representations and a [D, K] head.
+"""MAML in the style of OML (Javed & White 2019), as the paper replicates it (§5.1): the
+pre-trained backbone is meta-trained so that a readout learns fast on its representation
+(`meta_loss`), and Task B is then learned from it with `make_sgd` like every other method.
 """
 
-import hashlib
-import json
 import os
 import time
 
@@ -40,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from l2r import checkpoint, models, pretrain, report, training
+from l2r import checkpoint, keys, models, report, training
 
 
 def adapt_readout(head: dict, h_TBD: jax.Array, y_TB: jax.Array, learning_rate: float):
@@ -70,6 +41,23 @@ def meta_loss(
 ):
     """OML's meta-loss of `backbone`: a zero readout adapted on the support trajectory, then
     evaluated on the query batch ∪ the trajectory.
+
+    The paper: "MAML unrolls the readout SGD steps for 10 steps on Task B, and backprop through
+    SGD from the 'query' set to learn a good representation of the backbone." Following OML:
+    the readout starts from zero over the step's classes (OML resets the output rows of the
+    classes it is about to learn) and takes one SGD step per support batch on the frozen
+    backbone's representations (`adapt_readout`); the meta-loss is the adapted readout's
+    cross-entropy on the query set, which is, as in OML, the random batch together with the
+    trajectory's own examples; its gradient w.r.t. the backbone goes through the
+    representations of both sets and through the whole unroll (second-order terms included).
+
+    Departures from OML: it also meta-learns the readout's initialisation, but the meta-test
+    readout here is the pipeline's fresh Task-B head, so only the backbone is kept. Its
+    trajectories are class-incremental; the paper unrolls "readout SGD steps on Task B", whose
+    batches are i.i.d., so the support batches are i.i.d. too. Task A is not in the query
+    (OML's query is the meta-training task alone). The unroll is not rematerialised: the
+    backbone runs once on all examples, and the scanned readout steps hold only [B, D]
+    representations and a [D, K] head.
 
     Args:
       model: the backbone's `models.Model`.
@@ -145,14 +133,19 @@ def _check(cfg, labels, n_way):
 def meta_train_oml(
     config, model, pretrained, data_a, data_meta, key, n_way: int | None = None, ids=None
 ):
-    """Meta-trains each pre-trained backbone with OML's objective (`meta_loss`, Adam).
+    """Meta-trains each pre-trained backbone with OML's objective (`meta_loss`), by Adam.
+
+    Each outer step draws `inner_steps` support batches of `support_batch` examples and a
+    random query batch of `query_batch`, all distinct examples of the meta-training task
+    (`sample_episode`). The Task-A head is returned unchanged, so the Original-A probe sees how
+    far the backbone moved away from it.
 
     Args:
       config: the experiment config; reads `task_b.oml` {inner_steps, inner_lr, outer_lr,
         outer_steps, support_batch, query_batch}.
       model: the backbone (`models.Model`).
       pretrained: stacked [n, ...] {'backbone', 'head'} (`pretrain.pretrained_networks`).
-      data_a: Task A on the device; unused (OML's query holds no Task-A data, see above).
+      data_a: Task A on the device; unused (OML's query holds no Task-A data, see `meta_loss`).
       data_meta: the meta-training data on the device, labels 0..K-1.
       key: PRNG key; checkpoint i uses `fold_in(key, i)`, its step t `fold_in(that, t)`, so
         a checkpoint's result does not depend on how many are trained or how they are grouped.
@@ -173,7 +166,7 @@ def meta_train_oml(
     opt = optax.adam(cfg.outer_lr)
     n = jax.tree.leaves(pretrained)[0].shape[0]
     ids = jnp.arange(n) if ids is None else jnp.asarray(ids)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
+    net_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
 
     def outer_step(carry, step, k, data):
         backbone, s = carry
@@ -197,26 +190,24 @@ def meta_train_oml(
 
     # The data is an argument, not a closure, so it is not baked into the program.
     @jax.jit
-    def run_chunk(backbones, opt_state, keys, data, steps):
+    def run_chunk(backbones, opt_state, net_keys, data, steps):
         def one(backbone, s, k):
             body = lambda c, step: outer_step(c, step, k, data)  # noqa: E731
-            (backbone, s), losses = jax.lax.scan(body, (backbone, s), steps)
-            return backbone, s, losses
+            return jax.lax.scan(body, (backbone, s), steps)
 
-        return training.map_seeds(one, backbones, opt_state, keys)
+        return training.map_seeds(one, backbones, opt_state, net_keys)
 
-    def train(backbones, keys):
-        opt_state = jax.vmap(opt.init)(backbones)
-        progress = report.Progress(cfg.outer_steps, f"oml x{len(keys)}")
-        losses = []
-        for start in range(0, cfg.outer_steps, pretrain.CHUNK_STEPS):
-            stop = min(start + pretrain.CHUNK_STEPS, cfg.outer_steps)
-            backbones, opt_state, loss = run_chunk(
-                backbones, opt_state, keys, data_meta, jnp.arange(start, stop)
-            )
-            losses.append(np.asarray(loss))
-            progress.update(stop, query_loss=float(loss[:, -1].mean()))
-        return backbones, np.concatenate(losses, axis=1)
+    def train(backbones, net_keys):
+        (backbones, _), losses = training.run_chunked(
+            lambda carry, steps: run_chunk(*carry, net_keys, data_meta, steps),
+            (backbones, jax.vmap(opt.init)(backbones)),
+            cfg.outer_steps,
+            training.CHUNK_STEPS,
+            lambda start, stop: jnp.arange(start, stop),
+            progress=report.Progress(cfg.outer_steps, f"oml x{len(net_keys)}"),
+            on_chunk=lambda stop, carry, loss: {"query_loss": float(loss[:, -1].mean())},
+        )
+        return backbones, np.concatenate([np.asarray(loss) for loss in losses], axis=1)
 
     # Like pre-training, `pretrain.seeds_per_call` checkpoints at a time bound the memory.
     t0 = time.time()
@@ -224,7 +215,7 @@ def meta_train_oml(
     parts = [
         train(
             jax.tree.map(lambda a, i=i: a[i : i + per_call], pretrained["backbone"]),
-            keys[i : i + per_call],
+            net_keys[i : i + per_call],
         )
         for i in range(0, n, per_call)
     ]
@@ -234,20 +225,19 @@ def meta_train_oml(
     return networks, losses, time.time() - t0
 
 
-def fingerprint(config, pretrained, data_meta: training.DeviceTask, n_way: int | None) -> str:
-    """Hash of what OML's networks depend on: the starting networks and the meta-training data
-    (by content), `task_b.oml`, the seed and n_way."""
-    blob = json.dumps(
-        {
-            "seed": config.seed,
-            "oml": config.task_b.oml.to_dict(),
-            "n_way": n_way,
-            "pretrained": checkpoint.digest(pretrained),
-            "data_meta": training.train_digest(data_meta),
-        },
-        sort_keys=True,
-    ).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+def fingerprint(config, pretrained, data_meta: training.DeviceTask, key, n_way: int | None) -> str:
+    """The key of OML's networks: `task_b.oml`, the model, n_way and the PRNG key, the content
+    of the starting networks and of the meta-training data, and the source this module
+    executes."""
+    return keys.stage_key(
+        oml=config.task_b.oml.to_dict(),
+        model=config.model.to_dict(),
+        n_way=n_way,
+        key=np.asarray(jax.random.key_data(key)).tolist(),
+        pretrained=checkpoint.digest(pretrained),
+        data_meta=training.train_digest(data_meta),
+        code=keys.source_digest(__name__),
+    )
 
 
 def oml_starts(config, model, pretrained, data_meta, key, workdir: str, n_way: int | None = None):
@@ -259,7 +249,7 @@ def oml_starts(config, model, pretrained, data_meta, key, workdir: str, n_way: i
     """
     root = os.path.join(
         config.pretrain.dir or os.path.join(workdir, "pretrain"),
-        "oml-" + fingerprint(config, pretrained, data_meta, n_way),
+        "oml-" + fingerprint(config, pretrained, data_meta, key, n_way),
     )
     n = jax.tree.leaves(pretrained)[0].shape[0]
 

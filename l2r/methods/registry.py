@@ -155,18 +155,44 @@ def _teacher(name, model, task_b, context):
     return sgd.make_teacher(model, task_b.learning_rate, name)
 
 
-@register("lwf", sequence=None)
+def _heads(num_tasks: int) -> list[str]:
+    if num_tasks > 2:
+        raise ValueError("at most two tasks after Task A are supported.")
+    return ["head_b", "head_c"][:num_tasks]
+
+
+def _lwf_sequence(name, model, task_b, context, num_tasks):
+    cfg = task_b.lwf
+    return tuple(lwf.make_lwf(model, task_b.learning_rate, cfg.coef, cfg.temperature, name, head)
+                 for head in _heads(num_tasks))  # fmt: skip
+
+
+@register("lwf", sequence=_lwf_sequence)
 def _lwf(name, model, task_b, context):
     return lwf.make_lwf(model, task_b.learning_rate, task_b.lwf.coef, task_b.lwf.temperature, name)
 
 
-@register("ewc", sequence=None)
+def _ewc_sequence(name, model, task_b, context, num_tasks):
+    e = task_b.ewc
+    return tuple(ewc.make_ewc(model, task_b.learning_rate, e.coef, e.fisher, e.fisher_examples,
+                              name, head=head)
+                 for head in _heads(num_tasks))  # fmt: skip
+
+
+@register("ewc", sequence=_ewc_sequence)
 def _ewc(name, model, task_b, context):
     e = task_b.ewc
     return ewc.make_ewc(model, task_b.learning_rate, e.coef, e.fisher, e.fisher_examples, name)
 
 
-@register("hat", sequence=None)
+def _hat_sequence(name, model, task_b, context, num_tasks):
+    h = task_b.hat
+    return tuple(hat.make_hat(model, task_b.learning_rate, h.s_max, h.reg, h.clip_embedding,
+                              task_b[f"steps_{k}"], name, head)
+                 for k, head in enumerate(_heads(num_tasks), 2))  # fmt: skip
+
+
+@register("hat", sequence=_hat_sequence)
 def _hat(name, model, task_b, context):
     h = task_b.hat
     return hat.make_hat(model, task_b.learning_rate, h.s_max, h.reg, h.clip_embedding,
@@ -174,12 +200,12 @@ def _hat(name, model, task_b, context):
 
 
 # OML and Rep learn Task B by SGD from their own starting network (`compare.method_starts`).
-@register("oml", sequence=None, needs="meta_data")
+@register("oml", needs="meta_data")
 def _oml(name, model, task_b, context):
     return sgd.make_sgd(model, task_b.learning_rate, name)
 
 
-@register("rep", sequence=None, needs="meta_data")
+@register("rep", needs="meta_data")
 def _rep(name, model, task_b, context):
     return sgd.make_sgd(model, task_b.learning_rate, name)
 

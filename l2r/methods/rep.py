@@ -1,28 +1,8 @@
-"""Rep (paper §5.1): a backbone pre-trained on Task A plus the meta-training classes, then SGD.
-
-"We use the meta-training 50 classes plus data from Task A to pretrain a representation backbone
-using cross entropy classification objective. During meta-test we follow the same protocol as
-SGD." So Rep only changes the network Task B starts from; Task B itself is `make_sgd`.
-
-Choices the paper leaves open, made here:
-  * One joint softmax over K_a + K_m classes: Task A's labels 0..K_a-1 followed by the
-    meta-training labels offset by K_a (`joint_labels`).
-  * Trained from scratch with the optimiser, batch size and schedule of `config.pretrain`, for
-    `task_b.rep.steps` steps (0 = `pretrain.steps`), so Rep costs what Task-A pre-training does.
-  * Every batch holds a fixed share of each task, in proportion to their training-set sizes
-    (`batch_split`): in expectation what uniform sampling from the union would give, with less
-    variance. Each part is gathered and normalised with its own task's statistics, so A and the
-    meta-training data may come from different datasets (CIFAR-10 and CIFAR-100).
-  * The returned 'head' is the Task-A block of the joint head (`split_head`): its logits are
-    exactly the joint logits of A's classes, so the Original-A probe (A's head on A's test set,
-    argmax over A's classes) reads the network as it reads a Task-A-only one.
-  * Checkpoints are cached like pre-training's, keyed by `fingerprint`, which adds the content
-    of both tasks' training data to the config fields (the meta-training data is built by each
-    experiment, so no config field names it fully).
+"""Rep (paper §5.1): Task B learned by SGD from a backbone pre-trained with cross-entropy on
+Task A plus the meta-training classes, so only the starting network differs from SGD's
+(`pretrain_rep`; Task B itself is `make_sgd`).
 """
 
-import hashlib
-import json
 import os
 
 import jax
@@ -31,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from l2r import checkpoint, models, pretrain, report, rng, training
+from l2r import checkpoint, keys, models, pretrain, report, rng, training
 from l2r.data import stream
 
 
@@ -69,18 +49,15 @@ def rep_pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def fingerprint(config, data_a: training.DeviceTask, data_meta: training.DeviceTask) -> str:
-    """Hash of what determines Rep's networks: pre-training's fields, the step count, and the
-    training data of both tasks (by content)."""
-    blob = json.dumps(
-        {
-            "pretrain": pretrain.fingerprint(config),
-            "steps": rep_pretrain_config(config).steps,
-            "data_a": training.train_digest(data_a),
-            "data_meta": training.train_digest(data_meta),
-        },
-        sort_keys=True,
-    ).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    """The key of Rep's networks: pre-training's `recipe` with Rep's step count, the content of
+    both tasks (the meta-training data is built by each experiment, so no config field names
+    it fully) and the source this module executes."""
+    return keys.stage_key(
+        **pretrain.recipe(config, rep_pretrain_config(config)),
+        data_a=checkpoint.digest(data_a),
+        data_meta=checkpoint.digest(data_meta),
+        code=keys.source_digest(__name__),
+    )
 
 
 def train_joint(config, model, data_a, data_meta, seeds, ckpt_ids):
@@ -121,7 +98,7 @@ def train_joint(config, model, data_a, data_meta, seeds, ckpt_ids):
         return training.cross_entropy(logits, y)
 
     @jax.jit
-    def run_chunk(p, s, data_a, data_m, idx_a, idx_m, aug):
+    def run_chunk(carry, data_a, data_m, xs):
         def step(carry, xs):
             p, s = carry
             ia, im, au = xs
@@ -139,26 +116,23 @@ def train_joint(config, model, data_a, data_meta, seeds, ckpt_ids):
             return (optax.apply_updates(p, updates), s), loss
 
         def one_seed(p, s, ia, im, au):
-            (p, s), losses = jax.lax.scan(step, (p, s), (ia, im, au))
-            return p, s, losses
+            return jax.lax.scan(step, (p, s), (ia, im, au))
 
-        return training.map_seeds(one_seed, p, s, idx_a, idx_m, aug)
+        return training.map_seeds(one_seed, *carry, *xs)
 
-    progress = report.Progress(cfg.steps, f"rep pretrain x{len(seeds)}")
-    losses = []
-    for start in range(0, cfg.steps, pretrain.CHUNK_STEPS):
-        stop = min(start + pretrain.CHUNK_STEPS, cfg.steps)
-        params, opt_state, loss = run_chunk(
-            params,
-            opt_state,
-            data_a,
-            data_meta,
+    (params, _), losses = training.run_chunked(
+        lambda carry, xs: run_chunk(carry, data_a, data_meta, xs),
+        (params, opt_state),
+        cfg.steps,
+        training.CHUNK_STEPS,
+        lambda start, stop: (
             idx_a[:, start:stop],
             idx_m[:, start:stop],
             training.slice_steps(aug, start, stop),
-        )
-        losses.append(np.asarray(loss))
-        progress.update(stop, loss=float(loss.mean()))
+        ),
+        progress=report.Progress(cfg.steps, f"rep pretrain x{len(seeds)}"),
+        on_chunk=lambda stop, carry, loss: {"loss": float(loss.mean())},
+    )
 
     @jax.jit
     def test_accuracies(params, data_a, data_m):
@@ -175,11 +149,27 @@ def train_joint(config, model, data_a, data_meta, seeds, ckpt_ids):
         return jax.lax.map(one, params)
 
     acc_a, acc_m = test_accuracies(params, data_a, data_meta)
-    return params, np.asarray(acc_a), np.asarray(acc_m), np.concatenate(losses, axis=1)
+    losses = np.concatenate([np.asarray(loss) for loss in losses], axis=1)
+    return params, np.asarray(acc_a), np.asarray(acc_m), losses
 
 
 def pretrain_rep(config, model, data_a, data_meta, workdir: str):
     """Rep's starting networks: one per `pretrain.num_checkpoints`, trained where missing.
+
+    The paper says only "We use the meta-training 50 classes plus data from Task A to pretrain
+    a representation backbone using cross entropy classification objective"; the choices it
+    leaves open, made here:
+      * one joint softmax over K_a + K_m classes: A's labels 0..K_a-1, then the meta-training
+        labels offset by K_a (`joint_labels`);
+      * trained from scratch with `config.pretrain`'s optimiser, batch and schedule, for
+        `task_b.rep.steps` steps (0 = `pretrain.steps`), so Rep costs what pre-training does;
+      * every batch holds a fixed share of each task, in proportion to their training-set sizes
+        (`batch_split`): in expectation what uniform sampling from the union gives, with less
+        variance; each part is normalised with its own task's statistics, so A and the
+        meta-training data may come from different datasets;
+      * the returned 'head' is the Task-A block of the joint head (`split_head`): its logits are
+        exactly the joint logits of A's classes, so the Original-A probe reads the network as
+        it reads a Task-A-only one.
 
     Args:
       config: the experiment config (`pretrain`, `task_b.rep`, `data.augment`, `seed`).

@@ -39,7 +39,7 @@ from l2r import cl_metrics, compare, config_checks, distributed, pretrain, repor
 from l2r import workdir as workdir_lib
 from l2r.config_checks import require
 from l2r.data import plan, tasks
-from l2r.meta import figures, loop
+from l2r.meta import figures, loop, three_tasks
 from l2r.methods import registry
 from l2r.models import registry as model_registry
 
@@ -132,17 +132,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     t1 = time.time()
     pool = training.to_device(seq.meta_train, mean, std)
-    rule, history = loop.meta_train_rule(config, model, train_nets, data_1, pool,
-                                         os.path.join(workdir, "meta"),
-                                         class_table=seq.pair_table)  # fmt: skip
-    rule = rule._replace(theta=distributed.local_copy(rule.theta))  # for the meta-test
+    rule, history = None, {}
+    if "learned" in config.task_b.methods:  # Baselines alone need no meta-training.
+        episodes = three_tasks.three_tasks(config, model, train_nets, data_1, pool,
+                                           seq.pair_table)  # fmt: skip
+        rule, history = loop.meta_train_rule(config, model, train_nets, data_1, pool,
+                                             os.path.join(workdir, "meta"), episodes)  # fmt: skip
+        rule = rule._replace(theta=distributed.local_copy(rule.theta))  # for the meta-test
     meta_s = time.time() - t1
+    starts, start_s = compare.method_starts(config, model, test_nets, data_1, pool, workdir,
+                                            config.pools.n_way)  # fmt: skip
     context = registry.Context(rule=rule, num_classes_1=seq.task_1.num_classes)
     methods = [registry.build_sequence(n, model, config.task_b, 2, context)
                for n in config.task_b.methods]  # fmt: skip
     compared = compare.merge_runs([
         compare.compare(config, model, test_nets, [seq.task_1, task_2, task_3], mean, std,
-                        methods, cache_dir=task_b.cache_dir(config, workdir))
+                        methods, starts, cache_dir=task_b.cache_dir(config, workdir))
         for task_2, task_3 in seq.meta_test
     ])  # fmt: skip
     results = {
@@ -161,16 +166,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "meta": {k: list(v) for k, v in history.items()},
         "meta_test_tasks": [[list(t.class_names) for t in pair] for pair in seq.meta_test],
     }
-    results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, total_s=time.time() - t0)
+    results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, starts_s=start_s,
+                             total_s=time.time() - t0)  # fmt: skip
     paths = {"json": report.write_results_json(results, workdir),
              "markdown": write_markdown(results, workdir),
              "exp5_tasks": plot_tasks(results, workdir, prefix=config.experiment)}  # fmt: skip
     report.write_curves_to_tensorboard(results, os.path.join(workdir, "tb"))
-    task_2, task_3 = seq.meta_test[0]
-    for path in figures.meta_figures(config, model, rule, history, task_2,
-                                     [task_2.num_classes, task_3.num_classes], test_nets, mean,
-                                     std, workdir, config.task_b.steps_2):  # fmt: skip
-        paths[os.path.splitext(os.path.basename(path))[0]] = path
+    if rule is not None:
+        task_2, task_3 = seq.meta_test[0]
+        for path in figures.meta_figures(config, model, rule, history, task_2,
+                                         [task_2.num_classes, task_3.num_classes], test_nets,
+                                         mean, std, workdir, config.task_b.steps_2):  # fmt: skip
+            paths[os.path.splitext(os.path.basename(path))[0]] = path
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
     logging.info("Wrote %s", ", ".join(paths.values()))
     return results
