@@ -1,13 +1,6 @@
-"""Orbax checkpoints for pre-trained networks (and, later, meta-training state).
-
-A checkpoint is a directory written by Orbax's `StandardCheckpointer` (which writes to a
-temporary directory and renames it when complete, so a killed save leaves no half checkpoint),
-with a small JSON file beside the arrays for metadata such as the test accuracy.
-
-Several processes (`jax.distributed`): the networks saved here are computed identically by every
-process, so `save` makes them global arrays replicated over all devices and Orbax writes them
-once, collectively (every process must call it); `restore` reads them back replicated on
-however many processes and devices there are now, and hands each process its local copy.
+"""Orbax checkpoints of trained networks, with a small JSON file of metadata (such as the test
+accuracy) beside the arrays, and the content digests that key cached stages: a stage's networks
+are saved once (`cached_networks`) and found again by every run that would compute the same.
 """
 
 import hashlib
@@ -46,6 +39,14 @@ def _all_devices() -> jax.sharding.NamedSharding:
 
 
 def save(path: str, tree, meta: dict | None = None) -> None:
+    """Writes `tree` to `path` with Orbax's `StandardCheckpointer` (through a temporary
+    directory renamed when complete, so a killed save leaves no half checkpoint), and `meta`
+    beside it last (`exists` looks for it).
+
+    Several processes (`jax.distributed`) compute the same networks, so the arrays are made
+    global arrays replicated over all devices and Orbax writes them once, collectively: every
+    process must call this.
+    """
     path = os.path.abspath(path)
     if jax.process_count() > 1:
         tree = distributed.replicate(tree, _all_devices().mesh)
@@ -70,7 +71,8 @@ def restore(path: str, like=None):
     """Restores the arrays of `path` (shaped like `like` when given) and its metadata.
 
     Without `like`, on this process's first device whatever topology wrote the checkpoint;
-    with several processes, as each process's local copy of arrays replicated on all devices.
+    with several processes, as each process's local copy of arrays replicated on all devices
+    (however many processes and devices there are now).
     """
     path = os.path.abspath(path)
     checkpointer = ocp.StandardCheckpointer()

@@ -1,15 +1,8 @@
-"""Task-A pre-training: SGD with momentum, many seeds at once, cached as Orbax checkpoints.
-
-§3 of the paper: lr 0.1, momentum 0.9, batch 128. Seeds are a mapped axis
-(`training.map_seeds`), so `n` networks train in one compiled call (`pretrain.seeds_per_call` at
-a time); steps run as a `lax.scan` in chunks so the console can show progress. Checkpoints are
-keyed by a fingerprint of everything that determines them (data, classes, model, optimiser,
-seed), so a rerun - or another experiment with the same Task A - finds and reuses finished
-networks instead of training again.
+"""Task-A pre-training (§3: SGD, lr 0.1, momentum 0.9, batch 128), many seeds in one compiled
+call, cached as Orbax checkpoints keyed by what the training reads (`fingerprint`), so a rerun,
+or another experiment with the same Task A, reuses finished networks instead of training again.
 """
 
-import hashlib
-import json
 import os
 
 import jax
@@ -18,29 +11,32 @@ import ml_collections
 import numpy as np
 import optax
 
-from l2r import checkpoint, models, report, rng, training
+from l2r import checkpoint, keys, models, report, rng, training
 from l2r.data import stream
 
-CHUNK_STEPS = 100  # Scan length of one compiled call; progress is reported between calls.
+# `pretrain` fields that say how many networks there are, how many train per call and where
+# they are kept: none changes what network i is.
+BUDGET_FIELDS = ("num_checkpoints", "seeds_per_call", "dir")
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> str:
-    """Hash of every config field that changes what Task-A pre-training produces."""
-    relevant = {
+def recipe(config: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict | None = None):
+    """The config fields a Task-A-style training run reads: the seed, augmentation, the model
+    and the optimiser group `cfg` (default `config.pretrain`) less its `BUDGET_FIELDS`."""
+    cfg = config.pretrain if cfg is None else cfg
+    return {
         "seed": config.seed,
-        "data": config.data.to_dict(),
+        "augment": config.data.augment,
         "model": config.model.to_dict(),
-        "pretrain": {
-            k: v
-            for k, v in config.pretrain.to_dict().items()
-            if k not in ("num_checkpoints", "seeds_per_call", "dir")
-        },
+        "pretrain": {k: v for k, v in cfg.to_dict().items() if k not in BUDGET_FIELDS},
     }
-    # The Task-B classes and TFDS paths do not change Task A.
-    for k in ("classes_b", "data_dir", "download", "archive"):
-        relevant["data"].pop(k, None)
-    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def fingerprint(config: ml_collections.ConfigDict, task: training.DeviceTask) -> str:
+    """The key of Task-A pre-training: its `recipe`, the content of `task` (the training data
+    it learns from, the test split it reports accuracy on) and the source it executes."""
+    return keys.stage_key(
+        **recipe(config), data=checkpoint.digest(task), code=keys.source_digest(__name__)
+    )
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -108,20 +104,22 @@ def _train(config, model, task, seeds, ckpt_ids):
     # The task's arrays are an argument, not a closure: closed-over arrays would be baked into
     # the compiled program as constants.
     @jax.jit
-    def run_chunk(p, s, data, idx_chunk, aug_chunk):
+    def run_chunk(carry, data, xs):
         def one_seed(p, s, i, a):
             (p, s, _), losses = jax.lax.scan(step, (p, s, data), (i, a))
-            return p, s, losses.mean()
+            return (p, s), losses.mean()
 
-        return training.map_seeds(one_seed, p, s, idx_chunk, aug_chunk)
+        return training.map_seeds(one_seed, *carry, *xs)
 
-    progress = report.Progress(cfg.steps, f"pretrain x{len(seeds)}")
-    for start in range(0, cfg.steps, CHUNK_STEPS):
-        stop = min(start + CHUNK_STEPS, cfg.steps)
-        params, opt_state, loss = run_chunk(
-            params, opt_state, task, idx[:, start:stop], training.slice_steps(aug, start, stop)
-        )
-        progress.update(stop, loss=float(loss.mean()))
+    (params, _), _ = training.run_chunked(
+        lambda carry, xs: run_chunk(carry, task, xs),
+        (params, opt_state),
+        cfg.steps,
+        training.CHUNK_STEPS,
+        lambda start, stop: (idx[:, start:stop], training.slice_steps(aug, start, stop)),
+        progress=report.Progress(cfg.steps, f"pretrain x{len(seeds)}"),
+        on_chunk=lambda stop, carry, loss: {"loss": float(loss.mean())},
+    )
 
     @jax.jit
     def test_accuracies(params, data):
@@ -143,7 +141,7 @@ def pretrained_networks(config, model, task_a: training.DeviceTask, workdir: str
       (params stacked over checkpoints [n, ...], test accuracies [n], seconds spent training).
     """
     cfg = config.pretrain
-    root = os.path.join(cfg.dir or os.path.join(workdir, "pretrain"), fingerprint(config))
+    root = os.path.join(cfg.dir or os.path.join(workdir, "pretrain"), fingerprint(config, task_a))
 
     def train(ids):
         seeds = [rng.seed_for(config.seed, "pretrain_data", i) for i in ids]

@@ -1,30 +1,14 @@
-"""Representation probes: linear readouts, head accuracy and linear CKA (SPEC §1, paper §3).
-
-A probe freezes a network at a snapshot, takes its representation (the layer before the
-classification head) and asks how much task information is still linearly decodable:
-
-* ``readout_accuracy``: fit a fresh linear softmax readout on the training representation and
-  report its test accuracy ("Readout"). The paper fits it with 500 full-batch Adam steps at
-  lr 0.1 from a zero init; that is ``PAPER_READOUT``. The default, ``ReadoutConfig()``, uses
-  L-BFGS instead: ~15x faster on CPU, 99.9% identical predictions (see ``ReadoutConfig``).
-* ``head_accuracy``: the accuracy of the task's original head ("Original").
-* ``linear_cka``: centred linear CKA between two representations of the same inputs.
-
-Everything is a pure function of arrays, deterministic (full batch, zero init, no randomness),
-jit-able and vmap-able. ``readout_accuracies`` fits many snapshots in one call.
-
-Speed (measured by ``bench_fits``, see its docstring): the readout step is two skinny matmuls
-(``[K, D] @ [D, N]`` for the logits, ``[K, N] @ [N, D]`` for the gradient). XLA:CPU runs each
-fastest in a different memory layout, so the fit keeps both ``x`` and ``x.T`` and writes the
-softmax as element-wise ops over the K class rows (XLA:CPU reduces over a short leading axis
-slowly). Gradients are written by hand so autodiff cannot pick the slow layouts back. Together
-that made the 500-step Adam fit 3x faster than plain optax Adam through autodiff.
+"""Representation probes (SPEC §1, paper §3): how much task information a frozen network's
+representation (the layer before the head) still holds, read as a fresh linear readout's test
+accuracy (`readout_accuracy`; "Readout"), the task's original head's accuracy (`head_accuracy`;
+"Original") and linear CKA between two representations (`linear_cka`). All are deterministic
+pure functions of arrays (full batch, zero init), jit- and vmap-able; `readout_accuracies`
+fits many snapshots in one call.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from typing import NamedTuple
 
 import jax
@@ -45,15 +29,10 @@ _DEAD_STD = 1e-6
 class ReadoutConfig(NamedTuple):
     """How a linear readout is fitted.
 
-    The default solver is L-BFGS, not the paper's Adam, because of measurements (``bench_fits``:
-    20 fits, each on its own 15000x64 features, 5 classes, a shared 2-core CPU, two runs): this
-    module's Adam protocol took 0.16-0.28 s per fit (plain optax Adam through autodiff:
-    0.51-0.99 s); vmapping the 20 Adam fits together was 2.5-3x slower, not faster, so batched
-    Adam is not competitive. L-BFGS took 0.010-0.037 s per fit (~17 iterations; scikit-learn's
-    lbfgs, one thread: 0.05 s), and its test predictions were 99.96% identical to
-    scikit-learn's (Adam's 99.9%; mean test accuracies within 0.02 points of each other).
-    ``PAPER_READOUT`` is the paper's protocol (§3: 500 full-batch Adam steps, lr 0.1) for exact
-    reproduction; experiment configs name their solver explicitly.
+    The default solver is L-BFGS, not the paper's Adam: on CPU it fits an order of magnitude
+    faster, with test predictions as close to scikit-learn's as Adam's (docs/benchmarks.md,
+    2026-11-25). ``PAPER_READOUT`` is the paper's protocol (§3: 500 full-batch Adam steps,
+    lr 0.1) for exact reproduction; experiment configs name their solver explicitly.
 
     Attributes:
       solver: "lbfgs" (``optax.lbfgs`` with its zoom line search; stops once the largest
@@ -148,7 +127,11 @@ def _check_features(name: str, x, ndim: int | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The fit.
+# The fit. A readout step is two skinny matmuls ([K, D] @ [D, N] for the logits, [K, N] @ [N, D]
+# for the gradient), which XLA:CPU runs fastest in different memory layouts; so the fit keeps
+# both x and x.T, writes the softmax as element-wise ops over the K class rows, and writes the
+# gradient by hand, so that autodiff cannot pick the slow layouts back (3x faster than optax
+# Adam through autodiff: docs/benchmarks.md, 2026-11-25).
 
 
 class _Data(NamedTuple):
@@ -385,10 +368,10 @@ def fit_readouts(
       num_classes: K (static).
       config: the solver and its settings.
       chunk: how many fits are vmapped together; the flattened snapshots go through `lax.map`
-        in chunks of this size. None picks by backend: 1 on CPU, where vmapping measured no
-        faster at N <= 3000 and ~2x slower at N = 5000..15000 (each fit is memory-bound, and
-        one fit's features stay in cache); on accelerators as many as keep the working copies
-        of the features under ~1 GiB (all of them in the experiments).
+        in chunks of this size. None picks by backend: 1 on CPU, where vmapping is no faster
+        (each fit is memory-bound, and one fit's features stay in cache; docs/benchmarks.md,
+        2026-11-25); on accelerators as many as keep the working copies of the features under
+        ~1 GiB (all of them in the experiments).
 
     Returns:
       A `Readout` whose fields have leading dims [*S].
@@ -428,8 +411,8 @@ def readout_accuracies(
 
 
 def _auto_chunk(num_fits: int, n: int, d: int) -> int:
-    """Fits per vmapped chunk when the caller does not say: 1 on CPU (vmapping measured no
-    faster there); on accelerators as many as keep the fit's working copies (standardised
+    """Fits per vmapped chunk when the caller does not say: 1 on CPU (vmapping is no faster
+    there); on accelerators as many as keep the fit's working copies (standardised
     features in two layouts) under ~1 GiB."""
     if jax.default_backend() == "cpu":
         return 1
@@ -503,138 +486,3 @@ def linear_cka(x_ND: jax.Array, y_NE: jax.Array) -> jax.Array:
     xx = jnp.linalg.norm(jnp.matmul(x.T, x, precision=_HI))
     yy = jnp.linalg.norm(jnp.matmul(y.T, y, precision=_HI))
     return cross / (xx * yy)
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark.
-
-
-def _bench_data(num_fits, n, m, d, k, seed):
-    """Per-fit features (own class means and mixing, ReLU'd); shared labels."""
-    rng = np.random.default_rng(seed)
-    y_train, y_test = rng.integers(0, k, n), rng.integers(0, k, m)
-
-    def features(means, mix, labels):
-        z = rng.normal(size=(labels.size, d)) + means[labels]
-        return np.maximum(z @ mix, 0).astype(np.float32)
-
-    x_train, x_test = [], []
-    for _ in range(num_fits):
-        means = rng.normal(size=(k, d)) * 0.3
-        mix = rng.normal(size=(d, d)) / np.sqrt(d) * rng.uniform(0.5, 3.0)
-        x_train.append(features(means, mix, y_train))
-        x_test.append(features(means, mix, y_test))
-    return np.stack(x_train), y_train, np.stack(x_test), y_test
-
-
-def _reference_adam_fit(x_ND, y_N, num_classes, config):
-    """The straightforward optax version of the Adam fit (autodiff, [N, D] @ [D, K] logits)."""
-    mean, std = _standardizer(x_ND, config.standardize)
-    xs_ND, y_NK = (x_ND - mean) / std, jax.nn.one_hot(y_N, num_classes)
-    params = (jnp.zeros((x_ND.shape[-1], num_classes)), jnp.zeros((num_classes,)))
-
-    def loss(p):
-        ce = optax.softmax_cross_entropy(xs_ND @ p[0] + p[1], y_NK).mean()
-        return ce + 0.5 * config.l2 * jnp.sum(p[0] ** 2)
-
-    opt = optax.adam(config.learning_rate)
-
-    def step(carry, _):
-        p, state = carry
-        updates, state = opt.update(jax.grad(loss)(p), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, config.steps)
-    return Readout(params[0], params[1], mean, std)
-
-
-def bench_fits(num_fits: int = 20, n: int = 15000, d: int = 64, k: int = 5, seed: int = 0) -> dict:
-    """Times ways to fit `num_fits` readouts, each on its own [n, d] features, k shared classes.
-
-    All in one process; each variant is called once first (compilation, reported apart as
-    "first_call_seconds": compile + one fit, or compile + all fits for the batched ones), then
-    timed:
-      adam_reference: plain optax Adam through autodiff, one jitted fit per call (the
-        PERF-NOTES baseline).
-      adam_one_by_one: this module's Adam (same protocol, hand-written gradient, fast layouts).
-      adam_map / adam_vmap: all fits in one `fit_readouts` call, chunk=1 (`lax.map`) or
-        chunk=num_fits (one vmap).
-      lbfgs_one_by_one / lbfgs_vmap: `solver="lbfgs"` with scikit-learn's default objective
-        (C=1, i.e. l2 = 1/n).
-      sklearn: `LogisticRegression()` (lbfgs, C=1) on the same standardised features, in turn,
-        with BLAS limited to one thread (two threads ran 10-30x slower on a busy 2-core box).
-    Test predictions (n // 3 rows per fit) are compared with scikit-learn's.
-
-    Returns:
-      {"seconds": {variant: s for all fits}, "first_call_seconds": {...},
-       "agreement_vs_sklearn": {variant: fraction of identical test predictions},
-       "accuracy": {variant: mean test accuracy}, "shape": [num_fits, n, d, k], "backend"}.
-    """
-    # Benchmark-only dependencies (scikit-learn is a package requirement; threadpoolctl is its).
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
-
-    m = max(n // 3, 1)
-    x_train, y_train, x_test, y_test = _bench_data(num_fits, n, m, d, k, seed)
-    xj_train, yj_train, xj_test = jnp.asarray(x_train), jnp.asarray(y_train), jnp.asarray(x_test)
-    adam = PAPER_READOUT
-    lbfgs = ReadoutConfig(solver="lbfgs", l2=1.0 / n)  # = sklearn's C=1 objective
-
-    def one_by_one(fit_fn, config):
-        fit = jax.jit(lambda x: fit_fn(x, yj_train, k, config))
-
-        def run(xs_train, xs_test):
-            return [
-                jnp.argmax(predict(fit(xtr), xte), -1)
-                for xtr, xte in zip(xs_train, xs_test, strict=True)
-            ]
-
-        return run, lambda: fit(xj_train[0])
-
-    def batched(config, chunk):
-        def run(xs_train, xs_test):
-            readouts = fit_readouts(xs_train, yj_train, k, config, chunk=chunk)
-            return jnp.argmax(predict(readouts, xs_test), -1)
-
-        return run, lambda: run(xj_train, xj_test)
-
-    variants = {
-        "adam_reference": one_by_one(_reference_adam_fit, adam),
-        "adam_one_by_one": one_by_one(_fit, adam),
-        "adam_map": batched(adam, 1),
-        "adam_vmap": batched(adam, num_fits),
-        "lbfgs_one_by_one": one_by_one(_fit, lbfgs),
-        "lbfgs_vmap": batched(lbfgs, num_fits),
-    }
-    seconds, first_call_seconds, preds = {}, {}, {}
-    for name, (run, warm) in variants.items():
-        t = time.perf_counter()
-        jax.block_until_ready(
-            warm()
-        )  # batched warm-ups also run once: compile time is an upper bound
-        first_call_seconds[name] = time.perf_counter() - t
-        t = time.perf_counter()
-        preds[name] = np.asarray(jax.block_until_ready(run(xj_train, xj_test)))
-        seconds[name] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sk = []
-    with threadpool_limits(1):
-        for xtr, xte in zip(x_train, x_test, strict=True):
-            mean, std = xtr.mean(0), xtr.std(0)
-            std = np.where(std > _DEAD_STD, std, 1.0)
-            clf = LogisticRegression().fit((xtr - mean) / std, y_train)
-            sk.append(clf.predict((xte - mean) / std))
-    seconds["sklearn"] = time.perf_counter() - t
-    preds["sklearn"] = np.stack(sk)
-
-    return {
-        "seconds": seconds,
-        "first_call_seconds": first_call_seconds,
-        "agreement_vs_sklearn": {
-            v: float(np.mean(p == preds["sklearn"])) for v, p in preds.items()
-        },
-        "accuracy": {v: float(np.mean(p == y_test)) for v, p in preds.items()},
-        "shape": [num_fits, n, d, k],
-        "backend": jax.default_backend(),
-    }

@@ -1,11 +1,14 @@
-"""Pieces every training loop shares: device-resident tasks, batch gathering and losses.
+"""Pieces every training loop shares: device-resident tasks, batches, the chunked loop, losses.
 
 Whole tasks live on the device as uint8 arrays; host-side index streams (`l2r.data.stream`) say
 which examples form each batch, and batches are gathered, normalised and (optionally) augmented
-inside the jitted scan body. Nothing is copied between host and device inside the loop.
+inside the jitted scan body, so nothing is copied between host and device inside a scan. The
+host steps in only between scans of `CHUNK_STEPS` steps (`run_chunked`), to report progress or
+to probe.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,8 @@ from absl import logging
 
 from l2r import checkpoint, distributed
 from l2r.data import stream, tasks
+
+CHUNK_STEPS = 100  # Steps per compiled call of a training loop; the host reports between calls.
 
 
 class DeviceTask(NamedTuple):
@@ -49,7 +54,7 @@ def to_device(task: tasks.Task, mean, std) -> DeviceTask:
 
 def train_digest(task: DeviceTask) -> str:
     """Content hash of what training on `task` reads: its training split and normalisation.
-    Fingerprints of cached networks (Rep, OML) use it."""
+    Part of the key of a stage that reads no test split (OML's, of its meta-training data)."""
     return checkpoint.digest([task.train_images, task.train_labels, task.mean, task.std])
 
 
@@ -76,10 +81,9 @@ def map_seeds(fn, *args, chunk: int | None = None):
     """`fn` applied over the leading (seed / checkpoint / episode) axis of `args`.
 
     The runs of that axis have different weights, so `vmap` turns every convolution into a
-    grouped one, which XLA:CPU keeps off its fast Eigen path: on 2 CPU cores a vmapped 5-seed
-    SGD step of the cpu convnet ran 2.5x slower and a forward pass 4x slower than the same
-    seeds one after another (measured 2026-11-28). So by default the axis is a `lax.map`
-    (sequential, each run's convs canonical) on CPU and a `vmap` on accelerators.
+    grouped one, which XLA:CPU keeps off its fast path (2.5-4x slower, docs/benchmarks.md,
+    2026-11-28). So by default the axis is a `lax.map` (sequential, each run's convs canonical)
+    on CPU and a `vmap` on accelerators.
 
     Args:
       fn: function of one run's slices of `args`.
@@ -95,6 +99,50 @@ def map_seeds(fn, *args, chunk: int | None = None):
     if chunk >= size:
         return jax.vmap(fn)(*args)
     return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk if chunk > 1 else None)
+
+
+def run_chunked(
+    advance: Callable[[Any, Any], tuple[Any, Any]],
+    carry: Any,
+    num_steps: int,
+    chunk_steps: int,
+    xs_for: Callable[[int, int], Any],
+    progress=None,
+    on_chunk: Callable[[int, Any, Any], Mapping[str, float] | None] | None = None,
+    offset: int = 0,
+) -> tuple[Any, list]:
+    """Runs `num_steps` steps as one compiled call per `chunk_steps` steps, with host work
+    between calls: one scan over every step would report nothing until it ends and hold every
+    step's inputs on the device at once.
+
+    Args:
+      advance: (carry, xs) -> (carry, out): a jitted `lax.scan` over the steps of `xs`.
+      carry: the state before the first step.
+      num_steps: steps to run; the last chunk is shorter when `chunk_steps` does not divide it.
+      chunk_steps: steps per call of `advance`.
+      xs_for: (start, stop) -> the scanned inputs of steps [start, stop) (slices of host-side
+        index streams, step numbers), made just before their chunk runs.
+      progress: a `report.Progress` updated after every chunk, at `offset + stop`, with the
+        metrics `on_chunk` returns; None: no progress line.
+      on_chunk: (stop, carry, out) -> {name: float} or None, called after every chunk and
+        before the next one starts: a probe of the carry goes here; what it returns goes on the
+        progress line.
+      offset: steps run before this call (earlier phases of one run); moves the progress count.
+
+    Returns:
+      (the carry after the last step, [out of every chunk, in order]).
+    """
+    if chunk_steps < 1:
+        raise ValueError(f"run_chunked: chunk_steps must be >= 1, got {chunk_steps!r}.")
+    outs = []
+    for start in range(0, num_steps, chunk_steps):
+        stop = min(start + chunk_steps, num_steps)
+        carry, out = advance(carry, xs_for(start, stop))
+        outs.append(out)
+        metrics = on_chunk(stop, carry, out) if on_chunk is not None else None
+        if progress is not None:
+            progress.update(offset + stop, **(metrics or {}))
+    return carry, outs
 
 
 class RunAxis:

@@ -1,4 +1,5 @@
-"""The benchmark's yardsticks: PyTorch's ResNet-GN is l2r's, and XLA's FLOP count of a matmul."""
+"""The benchmark's yardsticks: PyTorch's ResNet-GN is l2r's, XLA's FLOP count of a matmul, and
+the readout-solver comparison agrees with scikit-learn."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 
 from experiments.bench.common import num_params
 from experiments.bench.flops import xla_flops
+from experiments.bench.probe import print_fits
 from experiments.bench.torch_ref import copy_to_torch, torch_resnet_gn
 from l2r import models
 
@@ -40,3 +42,19 @@ def test_xla_flops_of_a_matmul():
     a = jnp.ones((n, n), jnp.float32)
     compiled = jax.jit(jnp.dot).lower(a, a).compile()
     assert xla_flops(compiled) == 2 * n**3
+
+
+@pytest.mark.slow
+def test_readout_solvers_agree_with_sklearn(capsys):
+    out = print_fits(num_fits=2, n=600, d=8, k=3)
+    assert set(out["seconds"]) >= {"adam_one_by_one", "adam_vmap", "lbfgs_vmap", "sklearn"}
+    assert min(out["agreement_vs_sklearn"].values()) >= 0.97
+    assert "| lbfgs_vmap |" in capsys.readouterr().out
+
+
+def test_meta_bench_times_a_teacher_step_of_a_meta_run():
+    from experiments.bench.meta import IMAGE_SHAPES, meta_setup, teacher_step_seconds
+
+    _, _, run = meta_setup("smoke", dict(num_episodes_parallel=1), IMAGE_SHAPES["smoke"], n=64)
+    assert run.problem.batches(0, 2)[0].shape[:2] == (1, 2)
+    assert teacher_step_seconds(run, repeats=1, steps=2) > 0

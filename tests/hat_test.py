@@ -8,9 +8,11 @@ import pytest
 from flax import traverse_util
 
 from experiments.configs import fig1
-from l2r import forgetting, models, run_b, training
+from l2r import compare, models, task_b, training
 from l2r.data import sources, tasks
-from l2r.methods import Batch, hat
+from l2r.methods import hat
+from l2r.methods.base import Batch
+from l2r.models import registry as model_registry
 from l2r.models.conv import conv2d
 
 TINY = {"widths": (8, 16), "groups": 4, "hidden": 8}
@@ -243,9 +245,9 @@ def test_pretrain_hat_caches_and_feeds_task_b(tmp_path):
     config.pretrain.steps, config.pretrain.batch_size = 12, 16
     config.num_seeds = 1
     dataset = sources.load("synthetic", **config.data.synthetic.to_dict())
-    task_a, task_b = tasks.split_task(dataset, config.data.classes_a, config.data.classes_b)
+    task_a, task_2 = tasks.split_task(dataset, config.data.classes_a, config.data.classes_b)
     mean, std = tasks.normalization_stats(dataset.train)
-    model = forgetting.make_model(config)
+    model = model_registry.from_config(config.model)
     data_a = training.to_device(task_a, mean, std)
     nets, accs, train_s = hat.pretrain_hat(config, model, data_a, str(tmp_path))
     assert set(nets) == {"backbone", "head", "emb_a"} and accs.shape == (1,)
@@ -258,16 +260,16 @@ def test_pretrain_hat_caches_and_feeds_task_b(tmp_path):
     chex.assert_trees_all_equal(again, nets)
     np.testing.assert_array_equal(accs2, accs)
 
-    # The Task-B pipeline: initial networks plus 'hat': {'emb_a'}, run by run_b with probes.
-    networks0 = forgetting.initial_networks(config, nets, 3, model.representation_dim)
+    # The Task-B pipeline: initial networks plus 'hat': {'emb_a'}, run by task_b.
+    networks0 = compare.initial_networks(config, nets, 3, model.representation_dim)
     networks0["hat"] = {"emb_a": nets["emb_a"]}
     hat_cfg = config.task_b.hat
     method = hat.make_hat(
         model, 0.1, hat_cfg.s_max, hat_cfg.reg, hat_cfg.clip_embedding, config.task_b.steps
     )
-    data_b = training.to_device(task_b, mean, std)
-    streams = run_b.make_streams(config, len(task_b.train.labels), len(task_a.train.labels), 1)
-    advance = run_b.make_advance(method)
+    data_b = training.to_device(task_2, mean, std)
+    streams = task_b.make_streams(config, len(task_2.train.labels), len(task_a.train.labels), 1)
+    advance = task_b.make_advance(method)
     states = jax.vmap(lambda n, k: method.init(n, data_a, k))(networks0, jax.random.key(0)[None])
     keys = jax.random.split(jax.random.key(1), 3)[None]
     states, metrics = advance(states, data_a, data_b, keys, streams.idx_b[:, :3], None, None, None)

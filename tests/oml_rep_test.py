@@ -204,7 +204,7 @@ def test_oml_starts_are_cached_per_checkpoint(data, tmp_path, monkeypatch):
     config.pretrain.seeds_per_call = 1
     starts, seconds = oml.oml_starts(config, model, nets0, data_m, key, str(tmp_path))
     chex.assert_trees_all_close(starts, direct, atol=1e-6)
-    root = tmp_path / "pretrain" / f"oml-{oml.fingerprint(config, nets0, data_m, None)}"
+    root = tmp_path / "pretrain" / f"oml-{oml.fingerprint(config, nets0, data_m, key, None)}"
     assert sorted(os.listdir(root)) == ["ckpt_0", "ckpt_1"] and seconds > 0
 
     # A second call reads the checkpoints back and trains nothing.
@@ -214,9 +214,9 @@ def test_oml_starts_are_cached_per_checkpoint(data, tmp_path, monkeypatch):
     assert seconds < 1e-3
     # Other starting networks or another recipe: another folder.
     moved = jax.tree.map(lambda a: a + 1e-3, nets0)
-    assert f"oml-{oml.fingerprint(config, moved, data_m, None)}" != root.name
+    assert f"oml-{oml.fingerprint(config, moved, data_m, key, None)}" != root.name
     config.task_b.oml.inner_lr = 0.2
-    assert f"oml-{oml.fingerprint(config, nets0, data_m, None)}" != root.name
+    assert f"oml-{oml.fingerprint(config, nets0, data_m, key, None)}" != root.name
 
 
 def test_n_way_outer_steps_use_a_narrower_readout(data):

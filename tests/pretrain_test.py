@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 
 from experiments.configs import fig1
-from l2r import forgetting, pretrain, training
+from l2r import pretrain, training
+from l2r.data import plan
+from l2r.models import registry as model_registry
 
 
 def _setup(seeds_per_call):
     config = fig1.get_config("smoke")
     config.pretrain.num_checkpoints = 3
     config.pretrain.seeds_per_call = seeds_per_call
-    task_a, _, mean, std = forgetting.build_tasks(config)
-    return config, forgetting.make_model(config), training.to_device(task_a, mean, std)
+    task_a, _, mean, std = plan.build_tasks(config)
+    model = model_registry.from_config(config.model)
+    return config, model, training.to_device(task_a, mean, std)
 
 
 def test_a_checkpoint_does_not_depend_on_its_group_and_is_cached(tmp_path, monkeypatch):

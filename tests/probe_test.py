@@ -181,10 +181,3 @@ def test_bad_input_is_named():
         probe.readout_accuracies(x[None], y, xt[None], yt, K, chunk=0)
     with pytest.raises(ValueError, match="pass \\[N, D\\] and \\[N, E\\]"):
         probe.linear_cka(x, xt[:10])
-
-
-@pytest.mark.slow
-def test_bench_fits_runs():
-    out = probe.bench_fits(num_fits=2, n=600, d=8, k=3)
-    assert set(out["seconds"]) >= {"adam_one_by_one", "adam_vmap", "lbfgs_vmap", "sklearn"}
-    assert min(out["agreement_vs_sklearn"].values()) >= 0.97

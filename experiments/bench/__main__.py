@@ -3,6 +3,7 @@ r"""Benchmarks whose figures are ratios measured side by side in one process.
   python -m experiments.bench                      # everything below
   python -m experiments.bench --only=sgd           # SGD step rates (ResNet-32-GN, cpu net)
   python -m experiments.bench --only=probe         # all probe fits of fig1:cpu vs scikit-learn
+  python -m experiments.bench --only=fits          # readout solvers and layouts, 20 fits
   python -m experiments.bench --only=meta          # meta-training rates and compiled memory
   python -m experiments.bench --only=memory        # compiled memory alone (T-BPTT, episodes)
   python -m experiments.bench --only=torch         # ResNet-32-GN SGD step: l2r vs PyTorch eager
@@ -13,7 +14,7 @@ Timings on shared machines drift 10-40% between runs (PERF-NOTES.md): compare ro
 not rows of different runs. Each timing is the median of `--repeats` after a warm-up call.
 The torch section needs PyTorch: `pip install -e '.[bench]'`. A quick check of the new sections
 at small sizes: `--depth=8 --batch=8 --matmul_size=512 --episodes=1 --tbptt=2 --repeats=1
---devices=1,2 --scaling_episodes=2 --memory_tbptt= --memory_episodes=16`.
+--devices=1,2 --scaling_episodes=2 --memory_tbptt= --memory_episodes=16 --fits=2,600,8,3`.
 """
 
 import time
@@ -23,18 +24,18 @@ from absl import app, flags
 from experiments.bench.common import machine
 from experiments.bench.flops import bench_flops
 from experiments.bench.meta import bench_memory, bench_meta
-from experiments.bench.probe import bench_probe
+from experiments.bench.probe import bench_probe, print_fits
 from experiments.bench.scaling import bench_scaling, scaling_worker
 from experiments.bench.sgd import bench_sgd
 from experiments.bench.torch_ref import bench_torch
 
 FLAGS = flags.FLAGS
-SECTIONS = ("sgd", "probe", "meta", "memory", "torch", "flops", "scaling")
+SECTIONS = ("sgd", "probe", "fits", "meta", "memory", "torch", "flops", "scaling")
 flags.DEFINE_list(
     "only",
-    ["sgd", "probe", "meta", "torch", "flops", "scaling"],
-    "Sections to run: sgd, probe, meta (rates, then the memory table), memory (the table alone), "
-    "torch, flops, scaling.",
+    ["sgd", "probe", "fits", "meta", "torch", "flops", "scaling"],
+    "Sections to run: sgd, probe, fits, meta (rates, then the memory table), memory (the table "
+    "alone), torch, flops, scaling.",
 )
 flags.DEFINE_integer("repeats", 5, "Timed repetitions per measurement (median reported).")
 flags.DEFINE_integer("batch", 128, "torch, flops: batch of the ResNet-GN SGD step.")
@@ -47,6 +48,7 @@ flags.DEFINE_integer("scaling_episodes", 8, "scaling: episodes in flight (strong
 flags.DEFINE_string("scaling_preset", "smoke", "scaling: exp1 preset of the net (smoke, cpu).")
 flags.DEFINE_bool("weak_scaling", True, "scaling: also 2 episodes per device (weak scaling).")
 flags.DEFINE_list("memory_tbptt", ["2", "5", "9", "17"], "memory: T-BPTT rows (2 episodes).")
+flags.DEFINE_list("fits", ["20", "15000", "64", "5"], "fits: number of fits, N, D, classes.")
 flags.DEFINE_list("memory_episodes", ["1", "2", "4", "8", "16"], "memory: episode rows (T-BPTT 5).")
 
 
@@ -70,6 +72,8 @@ def main(argv):
         bench_sgd(FLAGS.repeats)
     if "probe" in FLAGS.only:
         bench_probe(FLAGS.repeats)
+    if "fits" in FLAGS.only:
+        print_fits(*(int(v) for v in FLAGS.fits))
     if "meta" in FLAGS.only:
         bench_meta(FLAGS.repeats)
     if "meta" in FLAGS.only or "memory" in FLAGS.only:
