@@ -1,6 +1,6 @@
-"""Data: whole splits as host numpy arrays (`sources`), class-split tasks (`tasks`), seeded index
-and augmentation streams plus on-device normalisation/augmentation (`stream`), and extraction of
-the offline archives (`prepare`)."""
+"""Data: whole splits as host numpy arrays (`sources`, reading image files through `decode`),
+class-split tasks (`tasks`), seeded index and augmentation streams plus on-device
+normalisation/augmentation (`stream`), and extraction of the offline archives (`prepare`)."""
 
 from l2r.data.sources import SOURCES, DataError, Dataset, Split, load
 from l2r.data.tasks import (

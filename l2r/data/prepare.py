@@ -10,15 +10,23 @@ archive, by size and mtime) is skipped, so configs can call `ensure_extracted` o
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
+import threading
 
-from l2r.data import sources
-from l2r.data.sources import DataError
+from l2r.data.decode import DataError, default_cache_dir
+
+# Where TFDS fetches each dataset from; probed before preparing so that offline users get an
+# answer in seconds (TFDS itself retries for minutes). Unknown names probe the TFDS GCS mirror.
+_TFDS_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+_TFDS_DEFAULT_HOST = "storage.googleapis.com"
+_REACH_TIMEOUT_S = 3.0
 
 # sha256 of the archives the project ships for offline machines, by file name.
 KNOWN_ARCHIVES = {
@@ -58,7 +66,7 @@ def ensure_extracted(archive: str, dest: str | None = None, *, sha256: str | Non
     Raises:
       DataError: the archive is missing or its sha256 does not match.
     """
-    dest = os.path.abspath(os.path.expanduser(dest or sources.default_cache_dir()))
+    dest = os.path.abspath(os.path.expanduser(dest or default_cache_dir()))
     if not os.path.isfile(archive):
         raise DataError(f"Archive {archive} does not exist; pass the path of the .tar.gz.")
     base = os.path.basename(archive)
@@ -106,6 +114,71 @@ def ensure_extracted(archive: str, dest: str | None = None, *, sha256: str | Non
     return root
 
 
+# ------------------------------------------------------------------------------------------------
+# TFDS
+
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow is installed (TFDS needs it to prepare, not to read ArrayRecord)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _host_reachable(host: str, port: int = 443, timeout: float = _REACH_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included)."""
+    # create_connection's timeout does not bound the DNS lookup, which can hang for long on a
+    # machine without network, so the whole attempt runs in a thread we stop waiting for.
+    result = []
+
+    def attempt():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except Exception:  # Any failure to connect means: not reachable.
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def prepare_tfds(name: str, data_dir: str | None = None) -> str:
+    """Downloads and prepares TFDS dataset `name` as ArrayRecord (readable without TensorFlow).
+
+    Returns:
+      The dataset's prepared directory.
+
+    Raises:
+      DataError: TensorFlow is missing, or the download host cannot be reached.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder.data_dir
+    if not tensorflow_available():
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}, and preparing it needs "
+            'TensorFlow: pip install "l2r[tfds]" (or prepare it on another machine with `python -m '
+            f"l2r.data.prepare --tfds={name}` and copy the data_dir here). Without it, use the "
+            "offline presets (fashion_mnist, digits), or an extracted image-folder copy with "
+            "--config.data.source=image_folder --config.data.root=PATH."
+        )
+    host = _TFDS_HOSTS.get(name, _TFDS_DEFAULT_HOST)
+    if not _host_reachable(host):
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}, and its download host "
+            f"{host} cannot be reached (no network). Fixes: run `python -m l2r.data.prepare "
+            f"--tfds={name} --data_dir=DIR` on a machine with network and copy DIR to this "
+            "machine's data_dir (--config.data.data_dir); or, with an extracted image-folder copy "
+            "(root/{train,test}/<class>/*.jpg), use --config.data.source=image_folder "
+            "--config.data.root=PATH."
+        )
+    # ArrayRecord is what tfds.data_source reads, and it needs no TensorFlow to read.
+    builder.download_and_prepare(file_format="array_record")
+    return builder.data_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m l2r.data.prepare", description=__doc__.split("\n\n")[0]
@@ -127,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 root = ensure_extracted(archive, args.dest)
                 print(f"{flag}: {root}  (--config.data.source={source} --config.data.root={root})")
         for name in args.tfds:
-            print(f"tfds {name}: {sources.prepare_tfds(name, args.data_dir)}")
+            print(f"tfds {name}: {prepare_tfds(name, args.data_dir)}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,49 +1,28 @@
-"""Whole dataset splits as uint8 numpy arrays, from TFDS, image folders, IDX files or generators.
+"""Data sources: one loader per source, registered by name, each loading a whole dataset.
 
-Every loader returns a `Dataset` of two `Split`s holding all images (uint8 [N, H, W, C]) and labels
-(int32 [N]) on the host. Training code copies whole tasks to the device once and gathers batches by
-index, so nothing here streams or batches.
-
-Decoded image folders (image_folder, tiny_imagenet) are cached as .npz files under the cache dir
-(`cache_dir=` kwarg, else $L2R_CACHE, else ~/.cache/l2r), keyed by the file list, sizes, mtimes
-and the requested image size, so only the first load pays for decoding.
+`load(source, ...)` returns a `Dataset` of two `Split`s holding all images (uint8 [N, H, W, C])
+and labels (int32 [N]) on the host. Training code copies whole tasks to the device once and
+gathers batches by index, so nothing here streams or batches. `@register(name)` adds a source
+from user code; image files are decoded and cached by `l2r.data.decode`.
 """
 
 import dataclasses
-import gzip
-import hashlib
-import importlib.util
-import json
-import logging
+import inspect
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-SOURCES = ("tfds", "image_folder", "tiny_imagenet", "fashion_mnist", "digits", "synthetic")
+from l2r.data import decode, prepare
+from l2r.data.decode import DataError, default_cache_dir, read_idx
+from l2r.data.prepare import prepare_tfds
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-
-# Where TFDS fetches each dataset from; probed before preparing so that offline users get an
-# answer in seconds (TFDS itself retries for minutes). Unknown names probe the TFDS GCS mirror.
-_TFDS_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
-_TFDS_DEFAULT_HOST = "storage.googleapis.com"
-_REACH_TIMEOUT_S = 3.0
-# Fewer files than this decode in-process: starting a worker process costs ~0.3 s.
-_MIN_PARALLEL_FILES = 4096
-# Bump when the decoding changes, so stale caches are not reused.
-_CACHE_VERSION = 1
 
 
 class Split(NamedTuple):
@@ -76,8 +55,38 @@ class Dataset:
         return len(self.class_names)
 
 
-class DataError(ValueError):
-    """Missing, unreadable or invalid data; the message says what to do about it."""
+# Loaders by source name, in registration order.
+_LOADERS: dict[str, Callable[..., Dataset]] = {}
+SOURCES = _LOADERS.keys()  # The registered source names; a live view, so it sees later additions.
+# Arguments `load` takes for every source; a loader receives those its signature names.
+_COMMON = ("name", "root", "image_size", "data_dir", "download")
+
+
+def register(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator adding a data source, so that `load(name)` (`--config.data.source=name`) calls it.
+
+        @sources.register("my_data")
+        def load_my_data(root, image_size, scale: float = 1.0) -> sources.Dataset: ...
+
+    `load` calls the loader with keyword arguments: those of name, root, image_size, data_dir and
+    download that its signature names (passing root, image_size or data_dir to a source whose
+    loader does not name it is an error), and the source's own options: its other parameters.
+    When the loader does not take `name`, `load(name=...)` renames the returned `Dataset`.
+
+    Raises:
+      ValueError: `name` is already registered to a different function.
+    """
+
+    def add(loader: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        where = lambda f: f"{f.__module__}.{f.__qualname__}"
+        old = _LOADERS.setdefault(name, loader)
+        # Re-running the same definition (a reloaded module, a notebook cell) replaces it.
+        if where(old) != where(loader):
+            raise ValueError(f"Data source {name!r} is already registered to {where(old)}.")
+        _LOADERS[name] = loader
+        return loader
+
+    return add
 
 
 def load(
@@ -93,8 +102,8 @@ def load(
     """Loads a whole dataset into host memory.
 
     Args:
-      source: one of `SOURCES`: "tfds", "image_folder", "tiny_imagenet", "fashion_mnist",
-        "digits" or "synthetic".
+      source: a registered source (`SOURCES`); built in: "tfds", "image_folder",
+        "tiny_imagenet", "fashion_mnist", "digits" and "synthetic".
       name: TFDS dataset name (source="tfds"); for other sources, overrides `Dataset.name`.
       root: folder to read (image_folder, tiny_imagenet; fashion_mnist overrides the default
         /usr/share/datasets/fashion-mnist).
@@ -118,96 +127,38 @@ def load(
         raise DataError(f"Unknown data source {source!r}; choose one of {', '.join(SOURCES)}.")
     if image_size is not None and (not isinstance(image_size, int | np.integer) or image_size < 1):
         raise DataError(f"image_size={image_size!r} must be a positive integer (or None to keep).")
-    loader, accepted = _LOADERS[source]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise DataError(
-            f"Source {source!r} does not take {', '.join(unknown)}; it accepts "
-            f"{', '.join(accepted) or 'no extra arguments'}."
-        )
-    if source != "tfds" and data_dir is not None:
-        raise DataError(f"data_dir is only used by source='tfds'; drop it for source={source!r}.")
-    if source in ("digits", "synthetic") and root is not None:
-        raise DataError(f"Source {source!r} reads no files; drop root={root!r}.")
-    if source == "tfds":
-        return _load_tfds(name, data_dir, download, image_size, **kwargs)
-    dataset = loader(root=root, image_size=image_size, **kwargs)
-    return dataclasses.replace(dataset, name=name) if name else dataset
+    loader = _LOADERS[source]
+    params = inspect.signature(loader).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [p for p in params if p not in _COMMON]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise DataError(
+                f"Source {source!r} does not take {', '.join(unknown)}; it accepts "
+                f"{', '.join(accepted) or 'no extra arguments'}."
+            )
+    common = dict(name=name, root=root, image_size=image_size, data_dir=data_dir, download=download)
+    for arg in ("root", "image_size", "data_dir"):
+        if common[arg] is not None and arg not in params:
+            raise DataError(f"Source {source!r} does not use {arg}; drop {arg}={common[arg]!r}.")
+    dataset = loader(**{k: v for k, v in common.items() if k in params}, **kwargs)
+    return dataclasses.replace(dataset, name=name) if name and "name" not in params else dataset
 
 
 # ------------------------------------------------------------------------------------------------
 # TFDS
 
 
-def _tensorflow_available() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def _host_reachable(host: str, port: int = 443, timeout: float = _REACH_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included)."""
-    # create_connection's timeout does not bound the DNS lookup, which can hang for long on a
-    # machine without network, so the whole attempt runs in a thread we stop waiting for.
-    result = []
-
-    def attempt():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except Exception:  # Any failure to connect means: not reachable.
-            result.append(False)
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
 def _tfds_is_prepared(builder) -> bool:
     return builder.is_prepared()
 
 
-def prepare_tfds(name: str, data_dir: str | None = None) -> str:
-    """Downloads and prepares TFDS dataset `name` as ArrayRecord (readable without TensorFlow).
-
-    Returns:
-      The dataset's prepared directory.
-
-    Raises:
-      DataError: TensorFlow is missing, or the download host cannot be reached.
-    """
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    if _tfds_is_prepared(builder):
-        return builder.data_dir
-    if not _tensorflow_available():
-        raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}, and preparing it needs "
-            'TensorFlow: pip install "l2r[tfds]" (or prepare it on another machine with `python -m '
-            f"l2r.data.prepare --tfds={name}` and copy the data_dir here). Without it, use the "
-            "offline presets (fashion_mnist, digits), or an extracted image-folder copy with "
-            "--config.data.source=image_folder --config.data.root=PATH."
-        )
-    host = _TFDS_HOSTS.get(name, _TFDS_DEFAULT_HOST)
-    if not _host_reachable(host):
-        raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}, and its download host "
-            f"{host} cannot be reached (no network). Fixes: run `python -m l2r.data.prepare "
-            f"--tfds={name} --data_dir=DIR` on a machine with network and copy DIR to this "
-            "machine's data_dir (--config.data.data_dir); or, with an extracted image-folder copy "
-            "(root/{train,test}/<class>/*.jpg), use --config.data.source=image_folder "
-            "--config.data.root=PATH."
-        )
-    # ArrayRecord is what tfds.data_source reads, and it needs no TensorFlow to read.
-    builder.download_and_prepare(file_format="array_record")
-    return builder.data_dir
-
-
+@register("tfds")
 def _load_tfds(
     name: str | None,
+    image_size: int | None,
     data_dir: str | None,
     download: bool,
-    image_size: int | None,
     train_split: str = "train",
     test_split: str = "test",
     image_key: str = "image",
@@ -240,7 +191,7 @@ def _load_tfds(
             records = [source[i] for i in range(len(source))]
         except NotImplementedError as e:
             # Prepared as TFRecord (e.g. by tfds.load): only TensorFlow reads that.
-            if not _tensorflow_available():
+            if not prepare.tensorflow_available():
                 raise DataError(
                     f"TFDS dataset {name!r} in {builder.data_dir} was prepared as TFRecord, which "
                     "tfds.data_source cannot read without TensorFlow. Re-prepare it with `python "
@@ -253,213 +204,13 @@ def _load_tfds(
         labels = np.asarray(labels, np.int32)
         if images.ndim == 3:
             images = images[..., None]
-        splits.append(Split(_resize_all(images, image_size), labels))
+        splits.append(Split(decode.resize(images, image_size), labels))
     names = tuple(builder.info.features[label_key].names)
     return Dataset(name, splits[0], splits[1], names)
 
 
 # ------------------------------------------------------------------------------------------------
-# Image files: image_folder and tiny_imagenet share listing, decoding and caching.
-
-
-def default_cache_dir() -> str:
-    """$L2R_CACHE, else ~/.cache/l2r."""
-    return os.environ.get("L2R_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "l2r")
-
-
-def _is_image(filename: str) -> bool:
-    return filename.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _list_images(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if _is_image(f) and not f.startswith(".")
-    )
-
-
-def _decode(path: str, image_size: int | None) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if image_size is not None and im.size != (image_size, image_size):
-                # Pillow's bilinear filter widens its support when shrinking, i.e. antialiases.
-                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(im, np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"Cannot read image {path}: {e}. Delete or replace the file.") from e
-
-
-def _size_error(path_a: str, shape_a, path_b: str, shape_b) -> DataError:
-    return DataError(
-        f"Images differ in size: {path_a} is {shape_a[1]}x{shape_a[0]} but {path_b} is "
-        f"{shape_b[1]}x{shape_b[0]}. Set image_size (--config.data.image_size) to resize them all."
-    )
-
-
-def _decode_chunk(paths: Sequence[str], image_size: int | None) -> np.ndarray:
-    """Decodes `paths` (all of one size) into uint8 [len(paths), H, W, 3]."""
-    first = _decode(paths[0], image_size)
-    out = np.empty((len(paths), *first.shape), np.uint8)
-    out[0] = first
-    for i in range(1, len(paths)):
-        image = _decode(paths[i], image_size)
-        if image.shape != first.shape:
-            raise _size_error(paths[0], first.shape, paths[i], image.shape)
-        out[i] = image
-    return out
-
-
-def _decode_all(paths: Sequence[str], image_size: int | None, num_workers: int) -> np.ndarray:
-    """Decodes `paths` into one uint8 [N, H, W, 3] array, in worker processes when many."""
-    if num_workers > 1 and len(paths) >= _MIN_PARALLEL_FILES:
-        images = _decode_in_workers(paths, image_size, num_workers)
-        if images is not None:
-            return images
-    chunk = 1024
-    chunks = [paths[s : s + chunk] for s in range(0, len(paths), chunk)]
-    return _gather((_decode_chunk(c, image_size) for c in chunks), chunks, len(paths))
-
-
-# A worker decodes the files a JSON job lists into an .npy file, or writes the DataError message.
-_WORKER_CODE = "import sys; from l2r.data import sources; sources._decode_worker(sys.argv[1])"
-
-
-def _decode_worker(job_path: str) -> None:
-    """Entry point of a decoding subprocess (see `_decode_in_workers`)."""
-    with open(job_path) as f:
-        job = json.load(f)
-    try:
-        np.save(job["out"], _decode_chunk(job["paths"], job["image_size"]))
-    except DataError as e:
-        with open(job["out"] + ".err", "w") as f:
-            f.write(str(e))
-        sys.exit(1)
-
-
-def _decode_in_workers(
-    paths: Sequence[str], image_size: int | None, num_workers: int
-) -> np.ndarray | None:
-    """Decodes contiguous shards of `paths` in fresh Python subprocesses; None if they fail.
-
-    Processes, not threads: for small images PIL spends most of its time parsing headers in
-    Python, under the GIL (threads measured no faster than one). Plain subprocesses rather than
-    multiprocessing: forking a process running JAX's threads can deadlock, and "spawn" re-runs
-    the caller's main script, which breaks scripts without an `if __name__ == "__main__"` guard.
-    """
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    bounds = np.linspace(0, len(paths), num_workers + 1).astype(int)
-    shards = [list(paths[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    with tempfile.TemporaryDirectory(prefix="l2r-decode-") as tmp:
-        procs = []
-        for k, shard in enumerate(shards):
-            job = os.path.join(tmp, f"{k}.json")
-            with open(job, "w") as f:
-                json.dump({"paths": shard, "image_size": image_size, "out": f"{job}.npy"}, f)
-            cmd = [sys.executable, "-c", _WORKER_CODE, job]
-            procs.append(
-                subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            )
-        stderr = [p.communicate()[1].decode(errors="replace") for p in procs]
-        for k, p in enumerate(procs):
-            error = os.path.join(tmp, f"{k}.json.npy.err")
-            if os.path.exists(error):
-                with open(error) as f:
-                    raise DataError(f.read())
-            if p.returncode != 0:
-                logging.warning(
-                    "Image-decoding workers failed (%s); decoding in this process.",
-                    stderr[k].strip().splitlines()[-1:] or p.returncode,
-                )
-                return None
-        parts = (
-            np.load(os.path.join(tmp, f"{k}.json.npy"), mmap_mode="r") for k in range(len(shards))
-        )
-        return _gather(parts, shards, len(paths))
-
-
-def _gather(parts, chunks, n: int) -> np.ndarray:
-    """Copies decoded chunks, as they arrive, into one array (no second full-size copy)."""
-    out = None
-    for part, paths in zip(parts, chunks, strict=True):
-        if out is None:
-            out, start = np.empty((n, *part.shape[1:]), np.uint8), 0
-        elif part.shape[1:] != out.shape[1:]:
-            raise _size_error(chunks[0][0], out.shape[1:], paths[0], part.shape[1:])
-        out[start : start + len(part)] = part
-        start += len(part)
-    return out
-
-
-def _file_fingerprint(paths: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError as e:
-            raise DataError(
-                f"Cannot read image {p}: {e}. Restore the file or fix the listing."
-            ) from e
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _load_files(
-    kind: str,
-    root: str,
-    files: dict[str, tuple[list[str], np.ndarray]],
-    image_size: int | None,
-    cache_dir: str | None,
-    num_workers: int | None,
-) -> dict[str, Split]:
-    """Decodes {split: (paths, labels)} into Splits, through the .npz cache."""
-    cache_dir = cache_dir or default_cache_dir()
-    key = hashlib.sha256()
-    key.update(f"{_CACHE_VERSION}\0{kind}\0{os.path.abspath(root)}\0{image_size}\n".encode())
-    for split, (paths, labels) in files.items():
-        key.update(f"{split}\0{_file_fingerprint(paths)}\0".encode())
-        key.update(np.asarray(labels, np.int32).tobytes())
-    base = os.path.basename(os.path.normpath(root)) or kind
-    path = os.path.join(cache_dir, "arrays", f"{kind}-{base}-{key.hexdigest()[:20]}.npz")
-    if os.path.exists(path):
-        try:
-            with np.load(path) as z:
-                return {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in files}
-        except (OSError, ValueError, KeyError):
-            pass  # A damaged cache file is rebuilt below.
-    workers = num_workers or min(8, len(os.sched_getaffinity(0)))
-    # All splits in one pass: one pool start-up, and train and test must share a size anyway.
-    images = _decode_all([p for paths, _ in files.values() for p in paths], image_size, workers)
-    splits, start = {}, 0
-    for s, (paths, labels) in files.items():
-        splits[s] = Split(images[start : start + len(paths)], np.asarray(labels, np.int32))
-        start += len(paths)
-    _write_cache(path, splits)
-    return splits
-
-
-def _write_cache(path: str, splits: dict[str, Split]) -> None:
-    """Writes the arrays atomically (tmp file + rename); a failed write only costs speed."""
-    arrays = {}
-    for s, split in splits.items():
-        arrays[f"{s}_images"], arrays[f"{s}_labels"] = split.images, split.labels
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)  # Uncompressed: reloading is then disk-speed.
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass
+# Image folders (the files are decoded and cached by `l2r.data.decode`)
 
 
 def _require_dir(path: str | None, what: str, fix: str) -> str:
@@ -470,6 +221,7 @@ def _require_dir(path: str | None, what: str, fix: str) -> str:
     return path
 
 
+@register("image_folder")
 def _load_image_folder(
     root: str | None,
     image_size: int | None,
@@ -503,17 +255,18 @@ def _load_image_folder(
     for split, folder in (("train", train_dir), ("test", test_dir)):
         paths, labels = [], []
         for label, c in enumerate(class_names):
-            found = _list_images(os.path.join(folder, c))
+            found = decode.list_images(os.path.join(folder, c))
             if not found:
                 raise DataError(f"Class folder {os.path.join(folder, c)} has no .png/.jpg images.")
             paths += found
             labels += [label] * len(found)
         files[split] = (paths, np.asarray(labels, np.int32))
-    splits = _load_files("image_folder", root, files, image_size, cache_dir, num_workers)
+    arrays = decode.load_files("image_folder", root, files, image_size, cache_dir, num_workers)
     name = os.path.basename(os.path.normpath(root))
-    return Dataset(name, splits["train"], splits["test"], class_names)
+    return Dataset(name, Split(*arrays["train"]), Split(*arrays["test"]), class_names)
 
 
+@register("tiny_imagenet")
 def _load_tiny_imagenet(
     root: str | None,
     image_size: int | None,
@@ -541,7 +294,7 @@ def _load_tiny_imagenet(
                 f"wnids.txt lists {wnid} but {folder} is missing; the archive is incomplete. "
                 f"Re-extract it, or remove {wnid} from wnids.txt."
             )
-        found = _list_images(folder)
+        found = decode.list_images(folder)
         paths += found
         labels += [label] * len(found)
     files = {"train": (paths, np.asarray(labels, np.int32))}
@@ -560,10 +313,9 @@ def _load_tiny_imagenet(
         raise DataError(f"{annotations} labels no image of the classes in wnids.txt.")
     order = np.argsort(paths, kind="stable")  # A stable order, whatever the annotation order.
     files["test"] = ([paths[i] for i in order], np.asarray(labels, np.int32)[order])
-    splits = _load_files("tiny_imagenet", root, files, image_size, cache_dir, num_workers)
-    return Dataset(
-        "tiny_imagenet", splits["train"], splits["test"], wnids, _tiny_descriptions(root, wnids)
-    )
+    arrays = decode.load_files("tiny_imagenet", root, files, image_size, cache_dir, num_workers)
+    train, test = Split(*arrays["train"]), Split(*arrays["test"])
+    return Dataset("tiny_imagenet", train, test, wnids, _tiny_descriptions(root, wnids))
 
 
 def _tiny_descriptions(root: str, wnids: Sequence[str]) -> tuple[str, ...] | None:
@@ -583,33 +335,7 @@ def _tiny_descriptions(root: str, wnids: Sequence[str]) -> tuple[str, ...] | Non
 # Fashion-MNIST (IDX files from the Debian package)
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (optionally gzipped) of unsigned bytes into a uint8 array.
-
-    Raises:
-      DataError: the file is missing, truncated or not an IDX file of uint8.
-    """
-    try:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"Cannot read IDX file {path}: {e}.") from e
-    # Header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then
-    # one big-endian int32 per dimension.
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic {data[:4]!r}).")
-    ndim = data[3]
-    shape = tuple(int(d) for d in np.frombuffer(data, ">i4", count=ndim, offset=4))
-    offset = 4 + 4 * ndim
-    if len(data) - offset != int(np.prod(shape)):
-        raise DataError(
-            f"{path} is truncated or damaged: header says {shape} = {int(np.prod(shape))} bytes, "
-            f"file holds {len(data) - offset}. Reinstall or re-download it."
-        )
-    return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
-
-
+@register("fashion_mnist")
 def _load_fashion_mnist(root: str | None, image_size: int | None) -> Dataset:
     folder = root or FASHION_MNIST_DIR
     splits = []
@@ -631,7 +357,7 @@ def _load_fashion_mnist(root: str | None, image_size: int | None) -> Dataset:
                 f"Fashion-MNIST {prefix} files in {folder} disagree: images {images.shape}, "
                 f"labels {labels.shape}."
             )
-        splits.append(Split(_resize_all(images[..., None], image_size), labels.astype(np.int32)))
+        splits.append(Split(decode.resize(images[..., None], image_size), labels.astype(np.int32)))
     return Dataset("fashion_mnist", splits[0], splits[1], FASHION_MNIST_CLASSES)
 
 
@@ -639,9 +365,8 @@ def _load_fashion_mnist(root: str | None, image_size: int | None) -> Dataset:
 # Generated / bundled data
 
 
-def _load_digits(
-    root: str | None, image_size: int | None, test_fraction: float = 0.2, seed: int = 0
-) -> Dataset:
+@register("digits")
+def _load_digits(image_size: int | None, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     from sklearn.datasets import load_digits
 
     if not 0 < test_fraction < 1:
@@ -655,15 +380,15 @@ def _load_digits(
     for c in range(10):  # Stratified: the same fraction of every class goes to test.
         idx = np.flatnonzero(labels == c)
         test[rng.permutation(idx)[: int(round(test_fraction * len(idx)))]] = True
-    train = Split(_resize_all(images[~test], image_size), labels[~test])
+    train = Split(decode.resize(images[~test], image_size), labels[~test])
     return Dataset(
-        "digits", train, Split(_resize_all(images[test], image_size), labels[test]),
+        "digits", train, Split(decode.resize(images[test], image_size), labels[test]),
         tuple(str(c) for c in range(10)),
     )  # fmt: skip
 
 
+@register("synthetic")
 def _load_synthetic(
-    root: str | None,
     image_size: int | None,
     num_classes: int = 10,
     channels: int = 1,
@@ -729,34 +454,7 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def _resize_all(images: np.ndarray, image_size: int | None) -> np.ndarray:
-    """Resizes uint8 [N, H, W, C] images to image_size (antialiased); None or same size: as is."""
-    if image_size is None or images.shape[1:3] == (image_size, image_size):
-        return images
-    from PIL import Image
-
-    out = np.empty((len(images), image_size, image_size, images.shape[3]), np.uint8)
-    for i, image in enumerate(images):
-        im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        im = np.asarray(im.resize((image_size, image_size), Image.Resampling.BILINEAR))
-        out[i] = im.reshape(out.shape[1:])
-    return out
-
-
-# Loader and the extra kwargs it accepts, per source.
-_LOADERS = {
-    "tfds": (None, ("train_split", "test_split", "image_key", "label_key")),
-    "image_folder": (_load_image_folder, ("cache_dir", "num_workers")),
-    "tiny_imagenet": (_load_tiny_imagenet, ("cache_dir", "num_workers")),
-    "fashion_mnist": (_load_fashion_mnist, ()),
-    "digits": (_load_digits, ("test_fraction", "seed")),
-    "synthetic": (
-        _load_synthetic,
-        ("num_classes", "channels", "train_per_class", "test_per_class", "seed", "class_names"),
-    ),
-}
-
 __all__ = [
-    "SOURCES", "Split", "Dataset", "DataError", "load", "prepare_tfds", "read_idx",
+    "SOURCES", "Split", "Dataset", "DataError", "register", "load", "prepare_tfds", "read_idx",
     "default_cache_dir",
 ]  # fmt: skip

@@ -1,6 +1,8 @@
 """Backbones (ResNet-N and a small ConvNet, GroupNorm throughout) and linear heads.
 
-Every caller goes through `make_model(name, **kwargs) -> Model` and pure functions:
+Every caller goes through a `Model` of pure functions, built by `make_model(name, **kwargs)`, or
+from a config by `l2r.models.registry.from_config(config.model)` (where user code registers its
+own backbones, wrapped by `from_module`):
 
     model = make_model("resnet", depth=32)
     params = model.init(key, (128, 32, 32, 3))        # plain nested dict
@@ -25,6 +27,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +42,7 @@ __all__ = [
     "Wiring",
     "apply_head",
     "conv2d",
+    "from_module",
     "init_head",
     "make_model",
 ]
@@ -54,10 +58,10 @@ class Model:
     """A backbone as pure functions.
 
     Attributes:
-      name: registry name ("resnet" or "convnet"); `make_model(name, **kwargs)` rebuilds it.
+      name: the model's name, e.g. "resnet" (`make_model(name, **kwargs)` rebuilds a built-in).
       representation_dim: D, the width of `Output.representation`.
       init: init(key, input_shape_NHWC) -> params, a plain nested dict (only H, W, C matter).
-        Same distribution as the Flax module's init, drawn in one go (see `fast_init`).
+        Built-ins: same distribution as the Flax module's init, drawn in one go (`fast_init`).
       apply: apply(params, x [N, H, W, C] float32, taps=False, masks=None) -> Output; `masks`
         {unit layer: [C]} gates output channels (any subset of `units`; None = no gating).
       kwargs: the full configuration used (defaults filled in).
@@ -125,12 +129,38 @@ def make_model(name: str, **kwargs: Any) -> Model:
     cfg["widths"] = tuple(cfg["widths"])
     module = ResNet(**cfg) if name == "resnet" else ConvNet(**cfg)
     rep_dim = cfg["widths"][-1] if cfg.get("hidden") is None else cfg["hidden"]
+    return from_module(name, module, rep_dim, cfg, params_init=fast_init)
+
+
+def from_module(
+    name: str,
+    module: nn.Module,
+    representation_dim: int,
+    kwargs: dict | None = None,
+    *,
+    params_init: Callable[[jax.Array, dict], dict] | None = None,
+) -> Model:
+    """Wraps a Flax Linen backbone, `module(x [N, H, W, C]) -> [N, D]`, as a `Model`.
+
+    Args:
+      name: the model's name (`Model.name`; errors name it).
+      module: the backbone; it holds params only (no batch statistics).
+      representation_dim: D, the width of its output.
+      kwargs: the configuration it was built from (`Model.kwargs`).
+      params_init: params_init(key, abstract_params) -> params; None = `module.init`.
+
+    Returns:
+      The `Model`. `apply(..., taps=True)` calls `module(x, taps=True)`, which should sow `Tap`s
+      as l2r's layers do; `masks` needs a `module.layout()` (see `ConvNet.layout`).
+    """
 
     @functools.partial(jax.jit, static_argnums=1)
     def jit_init(key: jax.Array, hwc: tuple[int, int, int]) -> dict:
+        if params_init is None:
+            return module.init(key, jnp.zeros((1, *hwc), jnp.float32))["params"]
         x = jax.ShapeDtypeStruct((1, *hwc), jnp.float32)
         abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x)["params"])
-        return fast_init(key, abstract)
+        return params_init(key, abstract)
 
     def init(key: jax.Array, input_shape: Sequence[int]) -> dict:
         if len(input_shape) != 4 or not all(isinstance(d, int) and d > 0 for d in input_shape):
@@ -140,7 +170,7 @@ def make_model(name: str, **kwargs: Any) -> Model:
             )
         return jit_init(key, tuple(input_shape[1:]))
 
-    units, wiring = module.layout()
+    units, wiring = module.layout() if hasattr(module, "layout") else ({}, {})
 
     def apply(params: dict, x: jax.Array, taps: bool = False, masks=None) -> Output:
         if x.ndim != 4:
@@ -149,7 +179,7 @@ def make_model(name: str, **kwargs: Any) -> Model:
                 "axis (x[None]) or a channel axis (x[..., None])."
             )
         variables = {"params": params}
-        kwargs = {}
+        extra = {}
         if masks is not None:
             unknown = sorted(set(masks) - set(units))
             if unknown:
@@ -157,13 +187,13 @@ def make_model(name: str, **kwargs: Any) -> Model:
                     f"{name}.apply: masks for unknown unit layers {unknown}; valid ones: "
                     f"{sorted(units)}."
                 )
-            kwargs["masks"] = dict(masks)
+            extra["masks"] = dict(masks)
         if not taps:
-            return Output(module.apply(variables, x, **kwargs), None)
-        rep, state = module.apply(variables, x, taps=True, mutable=["intermediates"], **kwargs)
+            return Output(module.apply(variables, x, **extra), None)
+        rep, state = module.apply(variables, x, taps=True, mutable=["intermediates"], **extra)
         return Output(rep, collect_taps(state["intermediates"]))
 
-    return Model(name, rep_dim, init, apply, cfg, units, wiring)
+    return Model(name, representation_dim, init, apply, dict(kwargs or {}), units, wiring)
 
 
 def init_head(key: jax.Array, in_dim: int, num_classes: int) -> dict[str, jax.Array]:
