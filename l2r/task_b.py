@@ -224,6 +224,8 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
     every = config.task_b.probe_every
     total = sum(p.streams.idx_b.shape[1] for p in phases)
     progress = report.Progress(total, f"{first.name} x{num_seeds}")
+    first_readout = next(iter(metrics0))
+    timer = {"t0": 0.0}  # when the chunk being run was dispatched
     offset = 0
     for i, phase in enumerate(phases):
         method, st = phase.method, phase.streams
@@ -235,33 +237,41 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
             states = switch_states(method, states, switch_keys, phases[i - 1].data_b, seeds.chunk)
         advance = make_advance(method, seeds.chunk)
         uses_a = method.uses_task_a
-        for start in range(0, st.idx_b.shape[1], every):
-            stop = start + every
+
+        def xs_for(start, stop, st=st, offset=offset, uses_a=uses_a):
+            timer["t0"] = time.time()
             steps = jnp.arange(offset + start, offset + stop)
             keys_ = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))(base_keys, steps)
-            t0 = time.time()
-            xs = seeds.split((
+            return (keys_, *seeds.split((
                 st.idx_b[:, start:stop],
                 st.idx_a[:, start:stop] if uses_a else None,
                 training.slice_steps(st.aug_b, start, stop),
                 training.slice_steps(st.aug_a, start, stop) if uses_a else None,
-            ))  # fmt: skip
-            states, step_metrics = advance(states, phase.data_a, phase.data_b, keys_, *xs)
+            )))  # fmt: skip
+
+        def chunk(carry, xs, phase=phase, advance=advance):
+            return advance(carry, phase.data_a, phase.data_b, *xs)
+
+        def on_chunk(stop, states, step_metrics, method=method):
+            """Probes every task after the chunk and records it."""
+            nonlocal train_s, probe_s
             jax.block_until_ready(states)
             step_metrics = seeds.host(step_metrics)
             t1 = time.time()
+            train_s += t1 - timer["t0"]
             metrics, _ = probe_fn(
                 jax.vmap(method.network)(states), probe_sets, ref_rep, method.represent
             )
             metrics = seeds.host(metrics)
             probe_s += time.time() - t1
-            train_s += t1 - t0
             for k in metrics0:
                 history[k].append(np.asarray(metrics[k]))
             history["loss"].append(np.asarray(step_metrics["loss"]))
-            first_readout = next(iter(metrics0))
-            progress.update(offset + stop, loss=float(np.mean(step_metrics["loss"])),
-                            **{first_readout: float(np.mean(metrics[first_readout]))})  # fmt: skip
+            return {"loss": float(np.mean(step_metrics["loss"])),
+                    first_readout: float(np.mean(metrics[first_readout]))}  # fmt: skip
+
+        states, _ = training.run_chunked(chunk, states, st.idx_b.shape[1], every, xs_for,
+                                         progress, on_chunk, offset)  # fmt: skip
         offset += st.idx_b.shape[1]
     return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s
 

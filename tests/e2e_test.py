@@ -1,49 +1,104 @@
-"""End to end: every smoke preset, run as `python -m experiments.run` runs it, gives the numbers
+"""End to end: every smoke preset runs as `python -m experiments.run` runs it and gives the numbers
 the code gave before the l2r/ restructure (`tests/golden/`, to 1e-6), so later changes are held
 to them too. A deliberate change of the numbers re-records the goldens in the same commit
-(`python -m tests.golden_numbers record WORKDIR NAME`) and says why."""
+(`python -m tests.golden_numbers record WORKDIR NAME`) and says why. Each preset runs once (one
+test, so parallel workers never run it twice) and its artefacts are checked on the way."""
 
 import importlib
+import json
+import os
 
+import golden_numbers
+import numpy as np
 import pytest
 
 from experiments.configs import exp1, exp2, exp3, exp4, exp5, fig1
+from l2r import cl_metrics
+from l2r import workdir as workdir_lib
 from l2r.pipelines import PIPELINES
-from tests import golden_numbers
 
-ALL_FIG1 = ("sgd", "sgd_x0.1", "lwf", "ewc", "hat", "teacher")
+FIG1_ALL = ("sgd", "sgd_x0.1", "lwf", "ewc", "hat", "teacher")
 ALL = ("sgd", "sgd_x0.1", "lwf", "ewc", "hat", "oml", "rep", "teacher", "learned")
-
-# (config module, methods override or None, the goldens the run must reproduce)
-PRESETS = {
-    "fig1": (fig1, ALL_FIG1, ("fig1_smoke", "fig1_smoke_all")),
-    "exp1": (exp1, ALL, ("exp1_smoke", "exp1_smoke_all")),
-    "exp2": (exp2, None, ("exp2_smoke",)),
-    "exp3": (exp3, None, ("exp3_smoke",)),
-    "exp4": (exp4, None, ("exp4_smoke",)),
-    "exp5": (exp5, None, ("exp5_smoke",)),
-}
+READOUT_3 = ("readout_1", "readout_2", "readout_3")
 
 
-def run_smoke(name, workdir):
-    module, methods, _ = PRESETS[name]
+def run_smoke(module, workdir, methods=None):
     config = module.get_config("smoke")
     if methods is not None:
         config.task_b.methods = methods
     pipeline = importlib.import_module(PIPELINES[config.experiment])
-    return pipeline.run(config, str(workdir))
+    with workdir_lib.locked(str(workdir)):
+        results = pipeline.run(config, str(workdir))
+    return config, results, json.loads((workdir / "results.json").read_text())
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "fig1",
-        "exp1",
-        "exp5",
-        *(pytest.param(n, marks=pytest.mark.slow) for n in ("exp2", "exp3", "exp4")),
-    ],
-)
-def test_smoke_presets_give_the_recorded_numbers(name, tmp_path):
-    got = golden_numbers.numbers(run_smoke(name, tmp_path))
-    for golden in PRESETS[name][2]:
-        assert golden_numbers.differences(golden_numbers.load(golden), got) == [], golden
+def assert_golden(results, *names):
+    got = golden_numbers.numbers(results)
+    for name in names:
+        assert golden_numbers.differences(golden_numbers.load(name), got) == [], name
+
+
+def test_fig1_smoke_with_every_baseline(tmp_path):
+    _, results, saved = run_smoke(fig1, tmp_path, FIG1_ALL)
+    assert_golden(results, "fig1_smoke", "fig1_smoke_all")
+    assert list(saved["methods"]) == list(FIG1_ALL)
+
+
+def test_exp1_smoke_with_every_method(tmp_path):
+    _, results, _ = run_smoke(exp1, tmp_path, ALL)
+    assert_golden(results, "exp1_smoke", "exp1_smoke_all")
+    assert os.path.getsize(tmp_path / "fig7_delta.png") > 0
+
+
+@pytest.mark.slow
+def test_exp2_smoke(tmp_path):
+    _, results, _ = run_smoke(exp2, tmp_path)
+    assert_golden(results, "exp2_smoke")
+
+
+@pytest.mark.slow
+def test_exp3_smoke_runs_every_method_from_a_held_out_checkpoint(tmp_path):
+    config, results, saved = run_smoke(exp3, tmp_path, ALL)
+    assert_golden(results, "exp3_smoke")
+    assert list(saved["methods"]) == list(ALL)
+    runs = config.num_seeds * config.pools.meta_test_tasks
+    for name, hist in saved["methods"].items():
+        acc = np.asarray(hist["readout_A"], float)
+        assert acc.shape == (runs, len(results["steps"])), name
+        assert np.all(np.isfinite(acc)), name
+    # SGD and the learned rule start from the held-out checkpoint: the same step-0 probe.
+    np.testing.assert_allclose(saved["methods"]["sgd"]["readout_A"][0][0],
+                               saved["methods"]["learned"]["readout_A"][0][0])  # fmt: skip
+    assert "avg acc" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_exp4_smoke(tmp_path):
+    _, results, _ = run_smoke(exp4, tmp_path)
+    assert_golden(results, "exp4_smoke")
+
+
+def test_exp5_smoke_runs_every_method_on_three_tasks(tmp_path):
+    config, results, saved = run_smoke(exp5, tmp_path, ALL)
+    assert_golden(results, "exp5_smoke")
+    for name in ("config.json", "results.json", "results.md", "exp5_tasks.png",
+                 "fig6_curriculum.png", "fig7_delta.png"):  # fmt: skip
+        assert os.path.getsize(tmp_path / name) > 0, name
+    assert list(saved["methods"]) == list(ALL)
+    b = config.task_b
+    assert saved["steps"][-1] == b.steps_2 + b.steps_3
+    shape = (config.num_seeds, (b.steps_2 + b.steps_3) // b.probe_every + 1)
+    for name, hist in saved["methods"].items():
+        for metric in READOUT_3:
+            acc = np.asarray(hist[metric], float)
+            assert acc.shape == shape and np.all(np.isfinite(acc)), (name, metric)
+    # The methods that start from the pre-trained network share one step-0 probe.
+    for metric in READOUT_3:
+        np.testing.assert_allclose(saved["methods"]["sgd"][metric][0][0],
+                                   saved["methods"]["lwf"][metric][0][0])  # fmt: skip
+    stats = cl_metrics.summarize(saved, READOUT_3, saved["task_ends"])
+    assert set(stats["ewc"]) >= {"avg_acc", "bwt", "forgetting_readout_1"}
+    assert saved["task_ends"] == [0, b.steps_2 // b.probe_every, shape[1] - 1]
+    assert "avg acc" in (tmp_path / "results.md").read_text()
+    assert len(saved["meta"]["switches"]) == config.meta.max_windows
+    assert results["switch_step"] == b.steps_2

@@ -1,22 +1,23 @@
-"""Exps 2-4 (`l2r.remember` with `pools`): which data meta-training and meta-test see, the
-checks that run before any training, and one pipeline end to end with every baseline."""
+"""Exps 1-4 (`l2r.pipelines.transfer`, `l2r.data.plan`): which data meta-training and meta-test
+see, the checks that run before any training, and baselines without meta-training. The smoke
+presets end to end, every method included: e2e_test."""
 
-import json
 import os
 
 import numpy as np
 import pytest
 
 from experiments.configs import exp2, exp3, exp4
-from l2r import forgetting, remember
 from l2r import workdir as workdir_lib
+from l2r.config_checks import ConfigError
+from l2r.data import plan as plan_lib
 from l2r.data.sources import DataError
-from l2r.experiment import ConfigError
+from l2r.pipelines import transfer
 
 
 def plan(config):
-    task_a, task_b, _, _ = forgetting.build_tasks(config)
-    return task_a, remember.plan_tasks(config, task_a, task_b)
+    task_a, task_b, _, _ = plan_lib.build_tasks(config)
+    return task_a, plan_lib.transfer_plan(config, task_a, task_b)
 
 
 def test_exp2_pools_are_disjoint_n_way_tasks():
@@ -61,35 +62,14 @@ def test_overlapping_pools_and_mismatched_shapes_fail_before_training():
     config = exp3.get_config("smoke")
     config.meta.train_checkpoints = config.pretrain.num_checkpoints
     with pytest.raises(ConfigError, match="train_checkpoints"):
-        remember.check_config(config)
-
-
-@pytest.mark.slow
-def test_exp3_smoke_runs_every_method_from_a_held_out_checkpoint(tmp_path):
-    config = exp3.get_config("smoke")
-    config.task_b.methods = ("sgd", "sgd_x0.1", "lwf", "ewc", "hat", "oml", "rep", "teacher",
-                             "learned")  # fmt: skip
-    with workdir_lib.locked(str(tmp_path)):
-        results = remember.run(config, str(tmp_path))
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["methods"]) == list(config.task_b.methods)
-    runs = config.num_seeds * config.pools.meta_test_tasks
-    for name, hist in saved["methods"].items():
-        acc = np.asarray(hist["readout_A"], float)
-        assert acc.shape == (runs, len(results["steps"])), name
-        assert np.all(np.isfinite(acc)), name
-    # SGD and the learned rule start from the held-out checkpoint: the same step-0 probe.
-    np.testing.assert_allclose(saved["methods"]["sgd"]["readout_A"][0][0],
-                               saved["methods"]["learned"]["readout_A"][0][0])  # fmt: skip
-    assert "avg acc" in (tmp_path / "results.md").read_text()
-    assert os.path.getsize(tmp_path / "fig7_delta.png") > 0
+        transfer.check_config(config)
 
 
 def test_baselines_alone_skip_meta_training(tmp_path):
     config = exp2.get_config("smoke")
     config.task_b.methods = ("sgd", "sgd_kernels_x0.1")
     with workdir_lib.locked(str(tmp_path)):
-        results = remember.run(config, str(tmp_path))
+        results = transfer.run(config, str(tmp_path))
     assert results["meta"] == {} and not os.path.exists(tmp_path / "meta")
     assert not os.path.exists(tmp_path / "fig6_curriculum.png")
     assert set(results["methods"]) == {"sgd", "sgd_kernels_x0.1"}
