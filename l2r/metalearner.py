@@ -30,8 +30,8 @@ Choices the paper leaves open:
     then clipped to ±`clip`. δ is thus invariant to rescaling any one of them.
   * ReLU on the feed-forward output of every LSTM layer ("ReLU in the hidden layers"); the
     recurrence uses the raw h. The cell is `flax.linen.LSTMCell`'s equations with the gates fused
-    into one kernel (`lstm_cell`): on ResNet-32 (99 leaves) it ran in half the time of
-    `nn.OptimizedLSTMCell` (25 vs 48 ms per apply) and compiled 2x (apply) to 5x (init) faster.
+    into one kernel (`lstm_cell`), faster to run and to compile than `nn.OptimizedLSTMCell`
+    (docs/benchmarks.md, "Measured facts behind code choices").
     Kernels are lecun-normal, biases zero. Flax's orthogonal recurrent init is not used: two
     batched QRs in one jitted program intermittently deadlocked XLA:CPU (jaxlib 0.10.2); and
     the zero output layer makes δ independent of the LSTM weights at initialisation anyway.

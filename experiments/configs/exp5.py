@@ -4,7 +4,9 @@ Pre-train on Task 1; meta-train on episodes that learn Task 2, then Task 3, both
 from a pool of meta-training classes (Algorithm 1 with K = 3: while learning Task 3 the teacher
 rehearses Tasks 1 and 2); meta-test on pairs of n-way tasks drawn from a disjoint pool: every
 method learns Task 2 for `task_b.steps_2` steps, then Task 3 for `task_b.steps_3` steps, probed
-with readouts on all three tasks (`l2r.sequential`).
+with readouts on all three tasks (`l2r.pipelines.three_tasks`). Every method runs here
+(`--config.task_b.methods=...`): LwF distils every earlier head, EWC accumulates every earlier
+task's Fisher, HAT keeps one mask per task, OML and Rep start from their own networks.
 
 Presets (`--config=experiments/configs/exp5.py:<preset>`):
   paper          ResNet-14-GN; Task 1 = CIFAR-10 (10-way, TFDS); Tasks 2 and 3 = disjoint 10-way
@@ -40,7 +42,6 @@ def get_config(arg=None):
     del b.steps
     b.steps_2 = 300  # §5.6: 300 steps on Task 2,
     b.steps_3 = 300  # then 300 on Task 3.
-    # Exp 5 runs the learners that keep no per-task state (see l2r.sequential.SUPPORTED).
     b.methods = ("sgd", "sgd_x0.1", "teacher", "learned")
 
     c.meta = common.meta_config()

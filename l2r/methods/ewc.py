@@ -42,8 +42,8 @@ class EwcState(NamedTuple):
 
 def _default_chunk() -> int:
     # Per-example gradients of a conv under vmap are grouped convolutions, which XLA:CPU runs
-    # off its fast path (see `training.map_seeds`): on 2 CPU cores, 256 examples of the fig1 cpu
-    # convnet took 0.09 s one at a time and 0.13 s in chunks of 8 or 32 (2026-11-29).
+    # off its fast path (see `training.map_seeds`): one at a time is faster on CPU
+    # (docs/benchmarks.md, "Measured facts behind code choices").
     return 1 if jax.default_backend() == "cpu" else 64
 
 

@@ -6,13 +6,21 @@ same forward pass (no second pass); its Task-B head moves by plain SGD (§5.1: "
 classification layer"). The Task-A head is never touched.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from l2r import metalearner, models, training
 from l2r.methods.base import Batch, Method
+
+
+class Rule(NamedTuple):
+    """A meta-trained update rule: its meta-learner, θ and the student's learning rate."""
+
+    ml: Any
+    theta: Any
+    learning_rate: float
 
 
 class StudentState(NamedTuple):

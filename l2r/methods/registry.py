@@ -19,14 +19,7 @@ from typing import Any, NamedTuple
 
 from l2r.methods import ewc, hat, learned, lwf, multitask, sgd
 from l2r.methods.base import Method
-
-
-class Rule(NamedTuple):
-    """A meta-trained update rule: its meta-learner, θ and the student's learning rate."""
-
-    ml: Any
-    theta: Any
-    learning_rate: float
+from l2r.methods.learned import Rule
 
 
 class Context(NamedTuple):

@@ -4,27 +4,17 @@ Task 1 is the pre-training task; Tasks 2 and 3 are n-way tasks drawn from a pool
 (meta-training) or from a disjoint pool (meta-test). Networks carry one head per task, with fixed
 meanings: 'head_a' = Task 1, 'head_b' = Task 2, 'head_c' = Task 3.
 
-Meta-training (Algorithm 1 with K = 3; the episodes of `l2r.meta.three_tasks`, run by the same
-windows, T-BPTT, restarts, curriculum and Orbax resume as Exps 1-4):
-  phase 0: the student learns Task 2 through the meta-learner; the teacher learns D_A ∪ D_B with
-    D_A = Task 1, D_B = Task 2;
-  phase 1: the student learns Task 3 (its own fresh head) from where phase 0 left it: student
-    weights, LSTM state and teacher are all kept; D_A = Task 1 ∪ Task 2, D_B = Task 3; the loss
-    threshold is the curriculum's plus `meta.switch_threshold_step` (§5.6: +5).
-  An episode switches from phase 0 to phase 1 when its loss exceeds the threshold (§5.6) or after
-  `meta.inner_steps` steps on Task 2, and restarts (new w0, LSTM state, tasks) when phase 1's loss
-  exceeds its threshold, after `meta.inner_steps` steps on Task 3, or when it diverges. As in
-  `l2r.meta_train`, switches and restarts happen at window ends: up to s − 1 steps after the
-  threshold was crossed. Curriculum episodes count whole episodes (both phases).
-  Departures: the paper gives no step limit for the phases (`meta.inner_steps` caps each); the
-  teacher's A batch in phase 1 is half Task 1, half Task 2 (Algorithm 1 says only D_1..k-1).
+Meta-training: Algorithm 1 with K = 3, the episodes of `l2r.meta.three_tasks` (Task 2, then
+Task 3 from where Task 2 left the student; the switch and its departures are documented there),
+run by the same windows, curriculum and resume as Exps 1-4.
 
 Meta-test (`l2r.compare` with K = 2): for each drawn (Task 2, Task 3) pair and seed, every method
-learns Task 2 for `task_b.steps_2` steps, then Task 3 for `task_b.steps_3` steps, probed every
-`probe_every` steps on all three tasks (metrics readout_k, original_k for k = 1, 2, 3 and cka_1).
-Learners that see only the current task (SGD, the learned rule, whose LSTM state carries across
-the switch) train 'head_c' on Task 3 (`l2r.methods.multitask.on_task_3`); the teacher rehearses
-every earlier task with its own head. Baselines with per-task state are not run here.
+learns Task 2 for `task_b.steps_2` steps, then Task 3 for `task_b.steps_3` steps, its state
+carried across the switch (`Method.switch`), probed every `probe_every` steps on all three tasks
+(readout_k, original_k for k = 1, 2, 3 and cka_1). SGD and the learned rule train 'head_c' on
+Task 3; the teacher rehearses every earlier task with its own head; LwF distils every earlier
+head, EWC accumulates every earlier task's Fisher, HAT keeps one mask per task, OML and Rep
+start from their own networks.
 """
 
 import os
