@@ -35,7 +35,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-
 def quiet_libraries(record) -> bool:
     """Drops Orbax's per-save INFO chatter from the console; its warnings still show.
 

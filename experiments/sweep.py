@@ -381,8 +381,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(run_lib.quiet_libraries)
     run_lib.start_runtime()
-    from l2r.data.sources import DataError
     from l2r.config_checks import ConfigError
+    from l2r.data.sources import DataError
 
     try:
         sweeps = parse_sweeps(FLAGS.config, FLAGS.sweep)

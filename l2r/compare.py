@@ -180,9 +180,13 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
             t1 = time.time()
             metrics0, ref_rep = probe_fn(networks0, sets)
             initial = seeds.host(metrics0), ref_rep
-            logging.info("Before the first phase: readout %s %.2f%%, original %s %.2f%%",
-                         names[0], 100 * float(np.mean(initial[0][f"readout_{names[0]}"])),
-                         names[0], 100 * float(np.mean(initial[0][f"original_{names[0]}"])))
+            logging.info(
+                "Before the first phase: readout %s %.2f%%, original %s %.2f%%",
+                names[0],
+                100 * float(np.mean(initial[0][f"readout_{names[0]}"])),
+                names[0],
+                100 * float(np.mean(initial[0][f"original_{names[0]}"])),
+            )
             probe_s += time.time() - t1
         return initial
 

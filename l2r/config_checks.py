@@ -106,9 +106,8 @@ def check_steps(config, fields=("steps",)) -> None:
 
 def check_meta(config: ml_collections.ConfigDict) -> None:
     """Checks the `meta` group (Algorithm 1 and the meta-learner)."""
-    from l2r import meta_train  # the rep losses it knows
+    from l2r.meta.window import REP_LOSSES  # the rep losses it knows
 
-    REP_LOSSES = meta_train.REP_LOSSES
     m = config.meta
     require(m.rep_loss in REP_LOSSES, f"meta.rep_loss={m.rep_loss!r}; choose one of {REP_LOSSES}.")
     require(m.gate in metalearner.GATES, f"meta.gate={m.gate!r}; choose one of "

@@ -21,7 +21,7 @@ logging.set_verbosity(logging.INFO)
 distributed.simulated_cpu_devices(int(sys.argv[2]))
 distributed.initialize()
 sys.path.insert(0, "tests")
-from l2r import meta_train
+from l2r.meta import loop
 from smoke_setup import exp1_smoke
 
 work = sys.argv[1]
@@ -31,8 +31,7 @@ config, _, _, _, _, model, data_a, data_b, pretrained = exp1_smoke(work)
 def run(windows, name, shard=True):
     c = config.copy_and_resolve_references()
     c.meta.max_windows, c.meta.shard_episodes = windows, shard
-    _, state, _ = meta_train.meta_train(c, model, pretrained, data_a, data_b,
-                                        os.path.join(work, name))
+    _, state, _ = loop.meta_train(c, model, pretrained, data_a, data_b, os.path.join(work, name))
     return jax.tree.map(np.asarray, distributed.local_copy(state.theta)), state
 """
 

@@ -17,41 +17,41 @@ SCRIPT = textwrap.dedent(
     jax.config.update("jax_compilation_cache_dir", sys.argv[2])
     import chex, numpy as np
     sys.path.insert(0, "tests")
-    from l2r import forgetting, meta_train
+    from l2r import compare, config_checks
+    from l2r.meta import episodes, loop
     from smoke_setup import exp1_smoke
 
     assert jax.device_count() == 4, jax.devices()
     work = sys.argv[1]
     config, task_a, task_b, mean, std, model, data_a, data_b, pretrained = exp1_smoke(work)
     # Episodes that cannot be split over the devices: a clear error before any work.
-    from l2r import remember
-    from l2r.experiment import ConfigError
     bad = config.copy_and_resolve_references()
     bad.meta.num_episodes_parallel = 6
     try:
-        remember.check_config(bad)
+        config_checks.check_meta(bad)
         raise AssertionError("6 episodes on 4 devices passed the config check")
-    except ConfigError as e:
+    except config_checks.ConfigError as e:
         assert "make it a multiple of 4" in str(e), e
 
-    # The trainer's own guard, for callers that skip the config check.
+    # The run's own guard, for callers that skip the config check.
+    problem = episodes.two_tasks(config, model, pretrained, data_a, data_b)
     try:
-        meta_train.MetaTrainer(bad, model, pretrained, data_a, data_b)
-        raise AssertionError("MetaTrainer split 6 episodes over 4 devices")
+        loop.MetaRun(bad, model, problem)
+        raise AssertionError("MetaRun split 6 episodes over 4 devices")
     except ValueError as e:
         assert "cannot be split evenly over 4 devices" in str(e), e
 
     def run(windows, shard, ckpt):
         c = config.copy_and_resolve_references()
         c.meta.max_windows, c.meta.shard_episodes = windows, shard
-        trainer = meta_train.MetaTrainer(c, model, pretrained, data_a, data_b)
+        meta_run = loop.MetaRun(c, model, problem)
         # chex.assert_max_traces: a second trace of the sharded window raises. (chex counts per
-        # call site across trainers, so only the one sharded trainer here is checked by it.)
-        trainer.max_traces = 1 if shard else None
-        return meta_train.meta_train(c, model, pretrained, data_a, data_b, ckpt, trainer)
+        # call site across runs, so only the one sharded run here is checked by it.)
+        meta_run.max_traces = 1 if shard else None
+        return loop.meta_train(c, model, pretrained, data_a, data_b, ckpt, run=meta_run)
 
-    trainer, sharded, _ = run(3, True, os.path.join(work, "sharded"))
-    assert trainer.mesh is not None and trainer.mesh.size == 4
+    meta_run, sharded, _ = run(3, True, os.path.join(work, "sharded"))
+    assert meta_run.mesh is not None and meta_run.mesh.size == 4
     theta_leaf = jax.tree.leaves(sharded.theta)[0]
     assert theta_leaf.sharding.is_fully_replicated
     student = jax.tree.leaves(sharded.episodes.student)[0]
@@ -59,7 +59,8 @@ SCRIPT = textwrap.dedent(
     _, single, _ = run(3, False, os.path.join(work, "single"))
     chex.assert_trees_all_close(sharded.theta, single.theta, rtol=2e-4, atol=1e-6)
 
-    # Saved on 4 devices (window 3), restored on 1 and continued: as the run that stayed on 1.
+    # Saved on 4 devices (window 3), restored on 1 and continued: as the run that stayed on 1
+    # (the device layout is not part of the run's key).
     import shutil
     shutil.copytree(os.path.join(work, "sharded"), os.path.join(work, "moved"))
     _, moved, _ = run(5, False, os.path.join(work, "moved"))
@@ -67,15 +68,15 @@ SCRIPT = textwrap.dedent(
     chex.assert_trees_all_close(moved.theta, stayed.theta, rtol=2e-4, atol=1e-6)
 
     # One trace (one compilation) per T-BPTT length, however many windows ran.
-    assert dict(trainer.traces) == {config.meta.tbptt: 1}, trainer.traces
+    assert dict(meta_run.traces) == {config.meta.tbptt: 1}, meta_run.traces
 
     # Task-B seeds split over the 4 devices (runs, probes, readout fits): the same histories.
     from l2r.methods import make_method
     c = config.copy_and_resolve_references()
     c.num_seeds = 4
     methods = [make_method(m, model, c.task_b) for m in ("sgd", "lwf", "ewc", "teacher")]
-    out = {shard: forgetting.compare_methods(c, model, pretrained, task_a, task_b, mean, std,
-                                             methods, shard_seeds=shard)
+    out = {shard: compare.compare(c, model, pretrained, [task_a, task_b], mean, std, methods,
+                                  shard_seeds=shard)
            for shard in (True, False)}
     for name in ("sgd", "lwf", "ewc", "teacher"):
         chex.assert_trees_all_close(out[True]["methods"][name], out[False]["methods"][name],

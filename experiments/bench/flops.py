@@ -45,7 +45,7 @@ def bench_flops(depth, batch, n, episodes, tbptt, repeats):
     over = dict(num_episodes_parallel=episodes, update_every_step=False)
     _, _, trainer = meta_setup("cpu", over, IMAGE_SHAPES["cpu"])
     teacher, net = teacher_step(trainer)
-    idx_a, idx_b = trainer.batches(0, 1)
+    idx_a, idx_b = trainer.problem.batches(0, 1)
     one = jax.jit(teacher).lower(net, (idx_a[0, 0], idx_b[0, 0])).compile()
     rows["teacher SGD step, exp1:cpu convnet, batch 64 A + 64 B (in a scan)"] = (
         xla_flops(one),
@@ -55,8 +55,8 @@ def bench_flops(depth, batch, n, episodes, tbptt, repeats):
     # The window loops over episodes and steps, whose bodies XLA counts once: count a
     # 1-episode, 1-step window (loop-free) and scale by episodes x steps.
     _, _, single = meta_setup("cpu", dict(over, num_episodes_parallel=1), IMAGE_SHAPES["cpu"])
-    ia, ib = single.batches(0, 1)
-    lowered = single._window_fn(1).lower(single.init(), single.inputs, ia, ib, jnp.float32(1e9))
+    batches = single.problem.batches(0, 1)
+    lowered = single.window(1).lower(single.init(), single.inputs, batches, jnp.float32(1e9))
     name = f"meta-training window, exp1:cpu convnet, {episodes} episodes x {tbptt} steps"
     rows[name + ", one meta-update, second order"] = (
         episodes * tbptt * xla_flops(lowered.compile()),

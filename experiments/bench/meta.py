@@ -14,14 +14,18 @@ IMAGE_SHAPES = {"cpu": (28, 28, 1), "smoke": (16, 16, 1)}  # exp1's data: Fashio
 
 
 def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
-    """A MetaTrainer of exp1:<preset>'s model on random uint8 data (rates do not depend on it)."""
+    """(config, model, `MetaRun`) of exp1:<preset>'s model on random uint8 data (rates do not
+    depend on it)."""
     from experiments.configs import exp1
-    from l2r import forgetting, meta_train, pretrain, training
+    from l2r import models, pretrain, training
+    from l2r.meta import episodes, loop
 
     config = exp1.get_config(preset)
     for k, v in overrides.items():
         config.meta[k] = v
-    model = forgetting.make_model(config)
+    m = config.model
+    model = models.make_model("convnet", widths=tuple(m.widths), groups=m.groups,
+                              hidden=m.hidden or None)  # fmt: skip
     gen = np.random.default_rng(0)
 
     def task(offset):
@@ -34,37 +38,36 @@ def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
     data_a, data_b = task(0), task(1)
     net = pretrain.init_network(model, jax.random.key(0), (1, *image_shape), num_classes)
     pretrained = jax.tree.map(lambda a: a[None], net)
-    return config, model, meta_train.MetaTrainer(config, model, pretrained, data_a, data_b)
+    problem = episodes.two_tasks(config, model, pretrained, data_a, data_b)
+    return config, model, loop.MetaRun(config, model, problem)
 
 
-def window_seconds(trainer, s, repeats):
-    state = trainer.init()
-    idx_a, idx_b = trainer.batches(0, s)
-    window = trainer._window_fn(s)
+def window_seconds(run, s, repeats):
+    state = run.init()
+    batches = run.problem.batches(0, s)
+    window = run.window(s)
     thr = jnp.float32(1e9)  # no restarts: every window does the same work
-    run = lambda: window(state, trainer.inputs, idx_a, idx_b, thr)[0]  # noqa: E731
-    return median_seconds(run, repeats)
+    return median_seconds(lambda: window(state, run.inputs, batches, thr)[0], repeats)
 
 
-def teacher_step(trainer):
+def teacher_step(run):
     """(step(net, (idx_a [Ba], idx_b [Bb])) -> (net, None), one episode's teacher net): the
-    teacher's SGD step on A∪B, batches gathered from the trainer's device-resident tasks."""
+    teacher's SGD step on A∪B, batches gathered from the run's device-resident tasks."""
     from l2r import training
-    from l2r.methods import Batch
 
-    inp = trainer.inputs
+    inp, problem = run.inputs, run.problem
 
     def step(n, i):
         x_a, y_a = training.gather(inp.data_a, i[0])
         x_b, y_b = training.gather(inp.data_b, i[1])
-        return trainer.teacher.step(n, Batch(x_b, y_b, x_a, y_a), None)[0], None
+        return problem.teacher_step(n, x_a, y_a, x_b, y_b, None), None
 
-    return step, jax.tree.map(lambda a: a[0], trainer.init().episodes.teacher)
+    return step, jax.tree.map(lambda a: a[0], run.init().episodes.teacher)
 
 
-def teacher_step_seconds(trainer, repeats, steps=10):
-    step, net = teacher_step(trainer)
-    idx_a, idx_b = trainer.batches(0, steps)
+def teacher_step_seconds(run, repeats, steps=10):
+    step, net = teacher_step(run)
+    idx_a, idx_b = run.problem.batches(0, steps)
     run = jax.jit(lambda net, ia, ib: jax.lax.scan(step, net, (ia, ib))[0])
     return median_seconds(lambda: run(net, idx_a[0], idx_b[0]), repeats) / steps
 
@@ -85,10 +88,10 @@ def bench_meta(repeats):
                                                                episode_chunk=e)),
     )  # fmt: skip
     for name, over in variants:
-        _, _, trainer = meta_setup("cpu", dict(num_episodes_parallel=e, **over), (28, 28, 1))
+        _, _, run = meta_setup("cpu", dict(num_episodes_parallel=e, **over), (28, 28, 1))
         if teacher is None:
-            teacher = teacher_step_seconds(trainer, repeats)
-        rows[name] = window_seconds(trainer, s, reps)
+            teacher = teacher_step_seconds(run, repeats)
+        rows[name] = window_seconds(run, s, reps)
     for name, sec in rows.items():
         per_step = sec / (e * s)
         print(f"| {name} | {sec:.2f} | {1 / per_step:.1f} | {per_step / teacher:.1f}x |")
@@ -100,11 +103,9 @@ def bench_meta(repeats):
 
 def window_memory(preset, steps, overrides):
     """XLA's memory analysis of the compiled `steps`-step window of exp1:<preset>'s net."""
-    _, _, trainer = meta_setup(preset, overrides, IMAGE_SHAPES[preset])
-    state = trainer.init()
-    idx_a, idx_b = trainer.batches(0, steps)
-    window = trainer._window_fn(steps)
-    return window.lower(state, trainer.inputs, idx_a, idx_b, jnp.float32(1e9)).compile()
+    _, _, run = meta_setup(preset, overrides, IMAGE_SHAPES[preset])
+    batches = run.problem.batches(0, steps)
+    return run.window(steps).lower(run.init(), run.inputs, batches, jnp.float32(1e9)).compile()
 
 
 def bench_memory(tbptt_rows, episode_rows):

@@ -145,7 +145,7 @@ def meta_config():
     c.learning_rate = 1e-3  # §3: Adam, η = 1e-3.
     c.clip_grad_norm = 1.0  # Global-norm clip of the meta-gradient (not in the paper).
     c.loss_scale = 300.0  # §3: c = 300 (Exp 5: 200).
-    c.rep_loss = "huber"  # huber (§4) | standardized | normalized (see meta_train.rep_loss)
+    c.rep_loss = "huber"  # huber (§4) | standardized | normalized (see l2r.meta.window.rep_loss)
     c.threshold = 20.0  # §5: curriculum loss threshold, first value,
     c.threshold_step = 5.0  # raised by this every `curriculum_every` episodes,
     c.threshold_max = 30.0  # up to this (Exp 2: 50).

@@ -9,8 +9,7 @@ from matplotlib.figure import Figure
 
 from l2r import compare, report, rng, training
 from l2r.data import stream
-from l2r.methods.learned import student_step
-from l2r.methods.registry import Rule
+from l2r.methods.learned import Rule, student_step
 
 
 def delta_histograms(model, rule: Rule, network, data_b, idx_b, num_steps):

@@ -1,0 +1,256 @@
+"""Algorithm 1's host loop: the meta-state on the devices, compiled windows, the curriculum,
+Orbax checkpoints keyed by everything the run reads, resume, history and progress lines.
+
+Episodes are split over a 1-D device mesh ('data') when there are several devices
+(`training.RunAxis`); θ, its optimiser state and the counters are replicated, so the mean
+meta-gradient is an all-reduce. The batches of a window are made on the host from the window
+index alone (`Problem.batches`), so a resumed run sees exactly the data it would have.
+"""
+
+import collections
+import functools
+import os
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from l2r import checkpoint, keys, models, report, rng, training
+from l2r.meta import episodes as episodes_lib
+from l2r.meta import window as window_lib
+from l2r.meta.curriculum import curriculum, finished
+from l2r.meta.window import MetaState
+from l2r.methods.learned import Rule
+
+# `meta` fields that only bound how long a run goes on (or where it runs): raising them resumes
+# the same run, so they stay out of its key.
+BUDGET_FIELDS = ("max_windows", "max_minutes", "checkpoint_minutes", "episodes",
+                 "shard_episodes", "episode_chunk")  # fmt: skip
+HISTORY = ("window", "episodes_done", "threshold", "tbptt", "loss", "restarts", "skipped",
+           "seconds")  # fmt: skip
+
+
+class MetaRun:
+    """One episodes problem set up on the devices: its inputs placed once, the state's layout,
+    and the jitted windows (one per T-BPTT length, compiled on first use)."""
+
+    def __init__(self, config, model: models.Model, problem: episodes_lib.Problem):
+        self.cfg, self.seed, self.model, self.problem = config.meta, config.seed, model, problem
+        self.ml, self.lr = problem.ml, problem.learning_rate
+        self.opt = window_lib.make_optimizer(self.cfg)
+        # Episodes split over the devices; on each, its share is vmapped (GSPMD partitions the
+        # vmapped axis), and the mean meta-gradient becomes an all-reduce.
+        self.axis = training.RunAxis(
+            self.cfg.num_episodes_parallel,
+            "parallel episodes (meta.num_episodes_parallel)",
+            enabled=self.cfg.get("shard_episodes", True),
+            strict=True,
+        )
+        self.mesh = self.axis.mesh
+        # Episodes mapped together: a device's whole share on a mesh; else `episode_chunk`
+        # (0: the backend's default).
+        self.chunk = self.axis.chunk or self.cfg.get("episode_chunk", 0) or None
+        # Replicated on every device once: left uncommitted, they would be copied every window.
+        self.inputs = self.axis.replicate(problem.inputs)
+        self.traces = collections.Counter()  # T-BPTT length -> times its window was traced
+        # When set, a window traced more than this many times raises (`chex.assert_max_traces`)
+        # instead of warning: tests set 1 to prove that nothing recompiles after the first.
+        # chex counts traces per call site, across runs: set it on one run a process.
+        self.max_traces: int | None = None
+        self._windows = {}
+
+    @functools.cached_property
+    def data_digest(self) -> dict:
+        """Content digests of what the episodes read: the data, the w0 networks, the tasks."""
+        inp = self.problem.inputs
+        return {"data_a": training.train_digest(inp.data_a),
+                "data_b": training.train_digest(inp.data_b),
+                "pretrained": checkpoint.digest(inp.pretrained),
+                "class_table": checkpoint.digest(inp.class_table)}  # fmt: skip
+
+    def state_sharding(self):
+        """θ, its optimiser state and the counters replicated, the episodes split over the
+        mesh's 'data' axis (a pytree prefix of `MetaState`); one device without a mesh."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        rep, split = training.replicated(self.mesh), training.split(self.mesh)
+        return MetaState(rep, rep, split, rep, rep, rep, rep, rep)
+
+    def init(self) -> MetaState:
+        """The state before the first window, laid out as the window's outputs are (otherwise
+        the second window compiles again): on a mesh, built by one program whose outputs are
+        already global arrays, so that it works the same with one process or many."""
+        e = self.cfg.num_episodes_parallel
+        theta = self.axis.replicate(self.ml.init(rng.key_for(self.seed, "theta")))
+
+        def build(theta, inputs):
+            i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+            eps = self.problem.fresh(inputs, jnp.arange(e, dtype=jnp.int32))
+            return MetaState(theta, self.opt.init(theta), eps, i32(0), i32(e), i32(0), i32(0),
+                             i32(0))  # fmt: skip
+
+        return jax.jit(build, out_shardings=self.state_sharding())(theta, self.inputs)
+
+    def window(self, num_steps: int):
+        """The jitted `num_steps`-step window (`window.make_window`), compiled on first use."""
+        if num_steps not in self._windows:
+            self._windows[num_steps] = self._jit(num_steps)
+        return self._windows[num_steps]
+
+    def _jit(self, num_steps: int):
+        pure = window_lib.make_window(self.problem, self.model, self.cfg, self.chunk)
+
+        def window(state, inputs, batches, threshold):
+            self.traces[num_steps] += 1  # Python runs here only when jit (re)traces.
+            if self.traces[num_steps] > 1:
+                logging.warning("The %d-step meta-training window was traced again (%d times): "
+                                "argument shapes or shardings changed between windows.",
+                                num_steps, self.traces[num_steps])  # fmt: skip
+            return pure(state, inputs, batches, threshold)
+
+        # The state is donated (updated in place) on accelerators, where memory is short; not
+        # on CPU, where tests and callers reuse a state after a window.
+        donate = (0,) if jax.default_backend() != "cpu" else ()
+        if self.max_traces:
+            window = chex.assert_max_traces(window, n=self.max_traces)
+        if self.mesh is None:
+            return jax.jit(window, donate_argnums=donate)
+        rep, split = training.replicated(self.mesh), training.split(self.mesh)
+        state_sh = self.state_sharding()
+        return jax.jit(
+            window,
+            in_shardings=(state_sh, rep, split, rep),
+            out_shardings=(state_sh, {"loss": rep, "losses": split, "restarted": split}),
+            donate_argnums=donate,
+        )
+
+    def call_window(self, state: MetaState, batches, threshold):
+        """Runs the jitted window on host-made batch indices (idx_a [E, s, Ba], idx_b [E, s, Bb])
+        and a threshold ([] or [E]).
+
+        On a mesh each process places only its own episodes' rows of the indices (every
+        process draws them whole, so that the data stream does not depend on the number of
+        processes) and `jax.make_array_from_process_local_data` assembles the global arrays.
+        """
+        window = self.window(batches[0].shape[1])
+        batches = self.axis.split(tuple(batches))
+        threshold = self.axis.replicate(np.asarray(threshold, np.float32))
+        return window(state, self.inputs, batches, threshold)
+
+    def run_window(self, state: MetaState):
+        """The next window of the curriculum: (state, metrics, threshold, T-BPTT steps)."""
+        problem = self.problem
+        threshold, s = curriculum(self.cfg, int(state.episodes_done))
+        tasks = self.axis.host(state.episodes.task) if problem.needs_tasks else None
+        batches = problem.batches(int(state.window), s, tasks)
+        state, metrics = self.call_window(state, batches, problem.thresholds(threshold, tasks))
+        if problem.host_metrics is not None:
+            after = self.axis.host(state.episodes.task)
+            metrics = {**metrics, **problem.host_metrics(tasks, after)}
+        return state, metrics, threshold, s
+
+
+def run_key(config, run: MetaRun) -> str:
+    """The key of a meta-training run: the `meta` group less its budget fields, the student's
+    learning rate and batches, the seed, the model, the digests of the data, networks and tasks
+    the episodes read, and the source of the modules the run executes."""
+    meta = {k: v for k, v in config.meta.to_dict().items() if k not in BUDGET_FIELDS}
+    task_b = {k: config.task_b[k] for k in ("learning_rate", "batch_size", "teacher_batch_a")}
+    return keys.stage_key(
+        meta=meta,
+        task_b=task_b,
+        seed=config.seed,
+        model=config.model.to_dict(),
+        inputs=run.data_digest,
+        code=keys.source_digest(__name__, run.problem.module),
+    )
+
+
+def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, episodes=None,
+               class_table=None, run: MetaRun | None = None):  # fmt: skip
+    """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
+    windows, or `meta.max_minutes` of window time, compilation included: a wall-clock budget,
+    so the number of windows it allows depends on the machine), resuming from the latest
+    checkpoint in `workdir_meta/<run_key>`: a changed hyper-parameter starts afresh in its own
+    folder, a raised budget resumes.
+
+    Args:
+      pretrained, data_a, data_b, class_table: the two-task episodes (`episodes.two_tasks`);
+        unused when `episodes` or `run` is given.
+      episodes: an `episodes.Problem` (e.g. `three_tasks.three_tasks(...)`); None: two tasks.
+      run: a `MetaRun` built for the same problem and config, to reuse its compiled windows.
+
+    Returns:
+      (run: its `ml` and `lr` make the learned rule, final MetaState, history {name: list}
+      per window; besides the fixed entries, one per `Problem.history_metrics`).
+    """
+    cfg = config.meta
+    if run is None:
+        if episodes is None:
+            episodes = episodes_lib.two_tasks(config, model, pretrained, data_a, data_b,
+                                              class_table)  # fmt: skip
+        run = MetaRun(config, model, episodes)
+    extra = tuple(run.problem.history_metrics)
+    key = run_key(config, run)
+    ckpt_dir = os.path.abspath(os.path.join(workdir_meta, key))
+    state = run.init()
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
+        history = {k: [] for k in (*HISTORY, *extra)}
+        latest = manager.latest_step()
+        if latest is None:
+            logging.info("Meta-training run %s starts in %s.", key, ckpt_dir)
+        else:
+            restored = manager.restore(
+                latest,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(state), history=ocp.args.JsonRestore()
+                ),
+            )
+            state, history = restored.state, restored.history
+            logging.info("Meta-training run %s resumes from %s at window %d (%d episodes done).",
+                         key, ckpt_dir, int(state.window), int(state.episodes_done))  # fmt: skip
+        progress = report.Progress(cfg.episodes, "meta-train", unit="episodes",
+                                   start=int(state.episodes_done))  # fmt: skip
+        last_save = time.monotonic()
+
+        def save(state):
+            manager.save(
+                int(state.window),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+                ),
+            )
+
+        while not finished(cfg, int(state.window), int(state.episodes_done), history["seconds"]):
+            t0 = time.monotonic()
+            state, metrics, threshold, s = run.run_window(state)
+            loss = float(metrics["loss"])
+            for k, v in (("window", int(state.window)), ("episodes_done", int(state.episodes_done)),
+                         ("threshold", threshold), ("tbptt", s), ("loss", loss),
+                         ("restarts", int(state.restarts)), ("skipped", int(state.skipped)),
+                         ("seconds", time.monotonic() - t0),
+                         *((name, float(metrics[name])) for name in extra)):  # fmt: skip
+                history[k].append(v)
+            progress.update(int(state.episodes_done), window=int(state.window), loss=loss,
+                            threshold=threshold, tbptt=s, restarts=int(state.restarts),
+                            skipped=int(state.skipped))  # fmt: skip
+            if time.monotonic() - last_save > 60 * cfg.checkpoint_minutes:
+                save(state)
+                last_save = time.monotonic()
+        if manager.latest_step() != int(state.window):
+            save(state)
+        manager.wait_until_finished()
+    return run, state, history
+
+
+def meta_train_rule(config, model, pretrained, data_a, data_b, workdir_meta: str, episodes=None,
+                    class_table=None) -> tuple[Rule, dict]:  # fmt: skip
+    """`meta_train`, returning what the meta-test needs: (the learned `Rule`, history)."""
+    run, state, history = meta_train(config, model, pretrained, data_a, data_b, workdir_meta,
+                                     episodes, class_table)  # fmt: skip
+    return Rule(run.ml, state.theta, run.lr), history

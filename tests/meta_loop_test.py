@@ -1,0 +1,94 @@
+"""The host loop: resume gives the same numbers, one trace per window length, checkpoints keyed
+by the run's hyper-parameters (a changed one starts afresh, a raised budget resumes), and the
+Exp-1 pipeline end to end (generated data)."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+from smoke_setup import tiny
+
+from experiments.configs import exp1
+from l2r import workdir as workdir_lib
+from l2r.meta import episodes, loop
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config, model, pretrained, data_a, data_b = tiny()
+    run = loop.MetaRun(config, model, episodes.two_tasks(config, model, pretrained, data_a,
+                                                         data_b))  # fmt: skip
+    return config, model, pretrained, data_a, data_b, run
+
+
+def _with(config, **meta):
+    config = config.copy_and_resolve_references()
+    config.meta.update(meta)
+    return config
+
+
+def _only_dir(path):
+    (name,) = os.listdir(path)
+    return name
+
+
+def test_resumed_run_reaches_the_same_theta(setup, tmp_path):
+    config, model, _, _, _, run = setup
+
+    def train(windows, where):
+        return loop.meta_train(_with(config, max_windows=windows), model, None, None, None,
+                               str(tmp_path / where), run=run)  # fmt: skip
+
+    _, straight, _ = train(4, "straight")
+    _, half, _ = train(2, "resumed")  # "killed" after 2 windows, checkpointed
+    assert int(half.window) == 2
+    _, resumed, history = train(4, "resumed")
+    assert int(resumed.window) == 4 and len(history["loss"]) == 4
+    chex.assert_trees_all_close(resumed.theta, straight.theta, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_equal(resumed.episodes.id, straight.episodes.id)
+    # One trace (one compilation) per T-BPTT length, however many windows ran.
+    assert dict(run.traces) == {config.meta.tbptt: 1}, run.traces
+
+
+def test_changed_hyperparameters_start_afresh_and_a_raised_budget_resumes(setup, tmp_path):
+    config, model, pretrained, data_a, data_b, run = setup
+    meta = str(tmp_path / "meta")
+    _, first, _ = loop.meta_train(_with(config, max_windows=1), model, None, None, None, meta,
+                                  run=run)  # fmt: skip
+    key = _only_dir(meta)
+    assert key == loop.run_key(config, run) and int(first.window) == 1
+    # A raised budget (windows, episodes, minutes) resumes the same run.
+    raised = _with(config, max_windows=2, episodes=2000, max_minutes=60.0)
+    _, state, history = loop.meta_train(raised, model, None, None, None, meta, run=run)
+    assert _only_dir(meta) == key and int(state.window) == 2 and len(history["loss"]) == 2
+    # A changed hyper-parameter starts afresh in its own folder, whatever its shapes.
+    for change in (dict(learning_rate=0.5), dict(hidden_kernel=2)):
+        changed = _with(config, max_windows=1, **change)
+        rule, history = loop.meta_train_rule(changed, model, pretrained, data_a, data_b, meta)
+        assert len(history["loss"]) == 1, change  # started at window 0
+        assert rule.learning_rate == config.task_b.learning_rate
+        assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(rule.theta))
+    assert len(os.listdir(meta)) == 3
+
+
+@pytest.mark.slow
+def test_exp1_smoke_pipeline_writes_every_artefact(tmp_path):
+    from l2r.pipelines import transfer
+
+    config = exp1.get_config("smoke")
+    with workdir_lib.locked(str(tmp_path)):
+        results = transfer.run(config, str(tmp_path))
+    for name in ("config.json", "results.json", "results.md", "exp1_task_A.png",
+                 "exp1_task_B.png", "fig6_curriculum.png", "fig7_delta.png"):  # fmt: skip
+        assert os.path.getsize(tmp_path / name) > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["methods"]) == {"sgd", "sgd_x0.1", "teacher", "learned"}
+    # Meta-training stopped by its own rule: the window budget, or enough finished episodes.
+    history = saved["meta"]
+    finished = history["episodes_done"][-1] >= config.meta.episodes
+    assert len(history["loss"]) == config.meta.max_windows or finished, history
+    assert len(history["loss"]) <= config.meta.max_windows
+    assert results["steps"][-1] == config.task_b.steps
