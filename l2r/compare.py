@@ -203,19 +203,19 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
             key = task_b.history_key(config, per_phase, starts.get(name, pretrained), data_digest)
             path = os.path.join(cache_dir, f"{name}-{key}.npz")
         run_phases = [task_b.Phase(m, *p) for m, p in zip(per_phase, phases, strict=True)]
-        history, train_s, method_probe_s, was_cached = task_b.cached_history(
-            path,
-            lambda run_phases=run_phases, name=name, own=own: task_b.run_phases(
+        found = task_b.load_history(path)
+        if found is None:
+            history, train_s, method_probe_s = task_b.run_phases(
                 run_phases, start_of(name) if own else networks0, config, probe_fn, sets,
                 None if own else initial_probe(), seeds,
-            ),
-        )  # fmt: skip
+            )  # fmt: skip
+            task_b.save_history(path, history, train_s, method_probe_s)
+            probe_s += method_probe_s
+        else:
+            history, train_s, _ = found
+            reused.append(name)
         histories[name] = history
         train_times[name] = train_s
-        if was_cached:
-            reused.append(name)
-        else:
-            probe_s += method_probe_s
     return {
         "steps": list(range(0, sum(steps) + 1, config.task_b.probe_every)),
         "seeds": list(range(s)),

@@ -8,9 +8,9 @@ every task between chunks. Seeds are a mapped axis, split over the devices (`tra
 Every method sees the same batches, heads and starting networks for a seed, so differences
 between methods are the methods'.
 
-A method's histories are cached (`cached_history`) under a key of exactly what they depend on
-(`history_key`), so an interrupted comparison resumes at its first unfinished method and adding
-a method to a finished one costs only that method.
+A method's histories are cached (`save_history`, `load_history`) under a key of exactly what
+they depend on (`history_key`), so an interrupted comparison resumes at its first unfinished
+method and adding a method to a finished one costs only that method.
 """
 
 import functools
@@ -149,7 +149,7 @@ class Phase(NamedTuple):
 
 
 def make_advance(method: Method, chunk: int | None = None):
-    """Jitted (states_S, data_a, data_b, keys, idx_b, idx_a, aug_b, aug_a) -> (states_S,
+    """Jitted (states_S, (keys, idx_b, idx_a, aug_b, aug_a), data_a=, data_b=) -> (states_S,
     mean step metrics [S]) over one chunk of steps; `chunk`: seeds vmapped together."""
 
     def step(carry, xs):
@@ -163,7 +163,9 @@ def make_advance(method: Method, chunk: int | None = None):
         return (state, data_a, data_b), metrics
 
     @jax.jit
-    def advance(states, data_a, data_b, keys, idx_b, idx_a, aug_b, aug_a):
+    def advance(states, xs, data_a, data_b):
+        keys, idx_b, idx_a, aug_b, aug_a = xs
+
         def one_seed(state, keys, idx_b, idx_a, aug_b, aug_a):
             carry = (state, data_a, data_b)
             (state, _, _), metrics = jax.lax.scan(step, carry, (keys, idx_b, idx_a, aug_b, aug_a))
@@ -249,9 +251,6 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
                 training.slice_steps(st.aug_a, start, stop) if uses_a else None,
             )))  # fmt: skip
 
-        def chunk(carry, xs, phase=phase, advance=advance):
-            return advance(carry, phase.data_a, phase.data_b, *xs)
-
         def on_chunk(stop, states, step_metrics, method=method):
             """Probes every task after the chunk and records it."""
             nonlocal train_s, probe_s
@@ -270,6 +269,7 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
             return {"loss": float(np.mean(step_metrics["loss"])),
                     first_readout: float(np.mean(metrics[first_readout]))}  # fmt: skip
 
+        chunk = functools.partial(advance, data_a=phase.data_a, data_b=phase.data_b)
         states, _ = training.run_chunked(chunk, states, st.idx_b.shape[1], every, xs_for,
                                          progress, on_chunk, offset)  # fmt: skip
         offset += st.idx_b.shape[1]
@@ -324,31 +324,30 @@ def history_key(config, methods, start, data_digest: str) -> str:
     )
 
 
-def cached_history(path: str | None, run):
-    """`run()` -> (history, train_s, probe_s) of `run_phases`, saved to `path` (.npz), or read
-    from it when a finished file is there; `path` None: no cache. Process 0 writes (through a
-    temporary name, so a killed run leaves no half file); every process reads.
-
-    Returns:
-      (history, train_s, probe_s, reused: whether they were read from `path`).
-    """
+def load_history(path: str | None):
+    """(history, train_s, probe_s) saved at `path` (.npz) by `save_history`, or None when
+    there is none (or `path` is None). Every process reads, and they share one decision."""
     if path is None:
-        return (*run(), False)
+        return None
     found = np.asarray(os.path.exists(path))
     if jax.process_count() > 1:  # One decision for all processes: they run collectives.
         found = multihost_utils.broadcast_one_to_all(found)
-    if found:
-        with np.load(path) as f:
-            history = {k: f[k] for k in f.files if not k.startswith("_")}
-            train_s, probe_s = float(f["_train_s"]), float(f["_probe_s"])
-        logging.info("Reusing the Task-B histories in %s (trained for %.0f s then).", path,
-                     train_s)  # fmt: skip
-        return history, train_s, probe_s, True
-    history, train_s, probe_s = run()
-    if distributed.is_main():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **history, _train_s=train_s, _probe_s=probe_s)
-        os.replace(tmp, path)
-    return history, train_s, probe_s, False
+    if not found:
+        return None
+    with np.load(path) as f:
+        history = {k: f[k] for k in f.files if not k.startswith("_")}
+        train_s, probe_s = float(f["_train_s"]), float(f["_probe_s"])
+    logging.info("Reusing the Task-B histories in %s (trained for %.0f s then).", path, train_s)
+    return history, train_s, probe_s
+
+
+def save_history(path: str | None, history, train_s: float, probe_s: float) -> None:
+    """Saves a method's histories at `path` (process 0, through a temporary name, so a killed
+    run leaves no half file); `path` None: nothing."""
+    if path is None or not distributed.is_main():
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **history, _train_s=train_s, _probe_s=probe_s)
+    os.replace(tmp, path)

@@ -309,7 +309,7 @@ def test_ewc_init_is_deterministic_and_runs_in_the_task_b_scan(tiny):
     idx = jnp.array([[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2)
     step_keys = jax.random.split(jax.random.key(3), 4).reshape(2, 2)
     out, metrics = task_b.make_advance(method)(
-        states, data_a, data_b, step_keys, idx, None, None, None
+        states, (step_keys, idx, None, None, None), data_a=data_a, data_b=data_b
     )
     chex.assert_tree_all_finite((out, metrics))
     assert set(metrics) == {"loss", "penalty"}

@@ -272,7 +272,8 @@ def test_pretrain_hat_caches_and_feeds_task_b(tmp_path):
     advance = task_b.make_advance(method)
     states = jax.vmap(lambda n, k: method.init(n, data_a, k))(networks0, jax.random.key(0)[None])
     keys = jax.random.split(jax.random.key(1), 3)[None]
-    states, metrics = advance(states, data_a, data_b, keys, streams.idx_b[:, :3], None, None, None)
+    xs = (keys, streams.idx_b[:, :3], None, None, None)
+    states, metrics = advance(states, xs, data_a=data_a, data_b=data_b)
     assert states.step.tolist() == [3] and bool(jnp.isfinite(metrics["loss"]).all())
     rep = jax.vmap(lambda n: method.represent(n, images((2, 16, 16, 1)), 1))(method.network(states))
     assert rep.shape == (1, 2, 8)

@@ -67,10 +67,10 @@ def test_changed_hyperparameters_start_afresh_and_a_raised_budget_resumes(setup,
     # A changed hyper-parameter starts afresh in its own folder, whatever its shapes.
     for change in (dict(learning_rate=0.5), dict(hidden_kernel=2)):
         changed = _with(config, max_windows=1, **change)
-        rule, history = loop.meta_train_rule(changed, model, pretrained, data_a, data_b, meta)
+        run, state, history = loop.meta_train(changed, model, pretrained, data_a, data_b, meta)
         assert len(history["loss"]) == 1, change  # started at window 0
-        assert rule.learning_rate == config.task_b.learning_rate
-        assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(rule.theta))
+        assert run.lr == config.task_b.learning_rate
+        assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.theta))
     assert len(os.listdir(meta)) == 3
 
 

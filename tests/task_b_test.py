@@ -51,9 +51,8 @@ def test_scan_equals_python_loop(setup, name):
     keys = jnp.stack([jax.random.split(jax.random.key(s), steps) for s in range(2)])
     advance = task_b.make_advance(method)
     idx_a = streams.idx_a[:, :steps] if method.uses_task_a else None
-    scanned, metrics = advance(
-        networks, data_a, data_b, keys, streams.idx_b[:, :steps], idx_a, None, None
-    )
+    xs = (keys, streams.idx_b[:, :steps], idx_a, None, None)
+    scanned, metrics = advance(networks, xs, data_a=data_a, data_b=data_b)
 
     step = jax.jit(method.step)
     for s in range(2):
@@ -76,9 +75,8 @@ def test_sgd_never_touches_the_task_a_head(setup):
     config, model, data_a, data_b, networks, streams = setup
     method = make_method("sgd", model, TASK_B)
     keys = jnp.stack([jax.random.split(jax.random.key(s), 3) for s in range(2)])
-    out, _ = task_b.make_advance(method)(
-        networks, data_a, data_b, keys, streams.idx_b[:, :3], None, None, None
-    )
+    xs = (keys, streams.idx_b[:, :3], None, None, None)
+    out, _ = task_b.make_advance(method)(networks, xs, data_a=data_a, data_b=data_b)
     chex.assert_trees_all_equal(out["head_a"], networks["head_a"])
     assert not np.allclose(out["head_b"]["kernel"], networks["head_b"]["kernel"])
 
@@ -130,24 +128,24 @@ def test_kernel_scaled_sgd_slows_only_the_kernels(setup):
             np.testing.assert_array_equal(w2, w1)
 
 
-def test_cached_history_round_trips_and_a_failed_run_leaves_no_file(tmp_path):
+def test_saved_histories_round_trip_and_a_killed_save_leaves_no_file(tmp_path, monkeypatch):
     history = {"readout_A": np.arange(6, dtype=np.float32).reshape(2, 3), "loss": np.ones((2, 3))}
     path = str(tmp_path / "task_b" / "sgd-key.npz")
+    assert task_b.load_history(path) is None and task_b.load_history(None) is None
 
-    def broken():
-        raise KeyboardInterrupt  # a run stopped midway
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a run stopped while saving
 
-    with pytest.raises(KeyboardInterrupt):
-        task_b.cached_history(path, broken)
-    assert not (tmp_path / "task_b").exists() or not any((tmp_path / "task_b").iterdir())
-    out = task_b.cached_history(path, lambda: (history, 3.0, 1.0))
-    assert out[2:] == (1.0, False) and out[1] == 3.0
-    again, train_s, probe_s, reused = task_b.cached_history(path, lambda: pytest.fail("reran"))
-    assert (train_s, probe_s, reused) == (3.0, 1.0, True)
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", killed)
+        with pytest.raises(KeyboardInterrupt):
+            task_b.save_history(path, history, 3.0, 1.0)
+    assert task_b.load_history(path) is None  # only the temporary file was written
+    task_b.save_history(path, history, 3.0, 1.0)
+    again, train_s, probe_s = task_b.load_history(path)
+    assert (train_s, probe_s) == (3.0, 1.0)
     chex.assert_trees_all_equal(again, history)
-    assert sorted(p.name for p in (tmp_path / "task_b").iterdir()) == ["sgd-key.npz"]
-    # No cache directory: always runs.
-    assert task_b.cached_history(None, lambda: (history, 3.0, 1.0))[3] is False
+    task_b.save_history(None, history, 3.0, 1.0)  # no cache directory: nothing written
 
 
 # ---------------------------------------------------------------------------------------------

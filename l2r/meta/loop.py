@@ -24,7 +24,6 @@ from l2r.meta import episodes as episodes_lib
 from l2r.meta import window as window_lib
 from l2r.meta.curriculum import curriculum, finished
 from l2r.meta.window import MetaState
-from l2r.methods.learned import Rule
 
 # `meta` fields that only bound how long a run goes on (or where it runs): raising them resumes
 # the same run, so they stay out of its key.
@@ -101,16 +100,16 @@ class MetaRun:
             self._windows[num_steps] = self._jit(num_steps)
         return self._windows[num_steps]
 
-    def _jit(self, num_steps: int):
-        pure = window_lib.make_window(self.problem, self.model, self.cfg, self.chunk)
+    def _count_trace(self, num_steps: int) -> None:
+        self.traces[num_steps] += 1
+        if self.traces[num_steps] > 1:
+            logging.warning("The %d-step meta-training window was traced again (%d times): "
+                            "argument shapes or shardings changed between windows.",
+                            num_steps, self.traces[num_steps])  # fmt: skip
 
-        def window(state, inputs, batches, threshold):
-            self.traces[num_steps] += 1  # Python runs here only when jit (re)traces.
-            if self.traces[num_steps] > 1:
-                logging.warning("The %d-step meta-training window was traced again (%d times): "
-                                "argument shapes or shardings changed between windows.",
-                                num_steps, self.traces[num_steps])  # fmt: skip
-            return pure(state, inputs, batches, threshold)
+    def _jit(self, num_steps: int):
+        window = window_lib.make_window(self.problem, self.model, self.cfg, self.chunk,
+                                        on_trace=self._count_trace)  # fmt: skip
 
         # The state is donated (updated in place) on accelerators, where memory is short; not
         # on CPU, where tests and callers reuse a state after a window.
@@ -246,11 +245,3 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
             save(state)
         manager.wait_until_finished()
     return run, state, history
-
-
-def meta_train_rule(config, model, pretrained, data_a, data_b, workdir_meta: str, episodes=None,
-                    class_table=None) -> tuple[Rule, dict]:  # fmt: skip
-    """`meta_train`, returning what the meta-test needs: (the learned `Rule`, history)."""
-    run, state, history = meta_train(config, model, pretrained, data_a, data_b, workdir_meta,
-                                     episodes, class_table)  # fmt: skip
-    return Rule(run.ml, state.theta, run.lr), history

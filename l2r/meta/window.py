@@ -128,11 +128,13 @@ def _finite(tree) -> jax.Array:
 
 
 def make_window(problem: Problem, model: models.Model, cfg: ml_collections.ConfigDict,
-                chunk: int | None = None):  # fmt: skip
+                chunk: int | None = None, on_trace=None):  # fmt: skip
     """The window function of `problem`'s episodes, `model` and the `meta` config group.
 
     Args:
       chunk: episodes mapped together (`training.map_seeds`; None: the backend's default).
+      on_trace: called with the window length each time the window is traced (Python runs
+        the body only then), to catch recompiles; None: nothing.
 
     Returns:
       window(state, inputs, batches, threshold) -> (state, metrics), pure and jittable:
@@ -211,6 +213,8 @@ def make_window(problem: Problem, model: models.Model, cfg: ml_collections.Confi
     def window(state: MetaState, inputs: Inputs, batches, threshold):
         idx_a, idx_b = batches
         eps, num_steps = state.episodes, idx_a.shape[1]
+        if on_trace is not None:
+            on_trace(num_steps)
         threshold = jnp.broadcast_to(threshold, eps.step.shape)  # a scalar or one per episode
         teacher_fn = functools.partial(teacher_window, problem, model, inputs)
         teachers, h_teacher = training.map_seeds(teacher_fn, eps.teacher, idx_a, idx_b, eps.task,

@@ -31,6 +31,7 @@ from l2r.config_checks import require
 from l2r.data import plan, tasks
 from l2r.meta import figures, loop, three_tasks
 from l2r.methods import registry
+from l2r.methods.learned import Rule
 from l2r.models import registry as model_registry
 
 READOUT = ("readout_1", "readout_2", "readout_3")  # per-task probe metrics, in task order
@@ -126,20 +127,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if "learned" in config.task_b.methods:  # Baselines alone need no meta-training.
         episodes = three_tasks.three_tasks(config, model, train_nets, data_1, pool,
                                            seq.pair_table)  # fmt: skip
-        rule, history = loop.meta_train_rule(config, model, train_nets, data_1, pool,
-                                             os.path.join(workdir, "meta"), episodes)  # fmt: skip
-        rule = rule._replace(theta=distributed.local_copy(rule.theta))  # for the meta-test
+        run, state, history = loop.meta_train(config, model, train_nets, data_1, pool,
+                                              os.path.join(workdir, "meta"), episodes)  # fmt: skip
+        # The meta-test runs in every process on its own devices.
+        rule = Rule(run.ml, distributed.local_copy(state.theta), run.lr)
     meta_s = time.time() - t1
     starts, start_s = compare.method_starts(config, model, test_nets, data_1, pool, workdir,
                                             config.pools.n_way)  # fmt: skip
     context = registry.Context(rule=rule, num_classes_1=seq.task_1.num_classes)
     methods = [registry.build_sequence(n, model, config.task_b, 2, context)
                for n in config.task_b.methods]  # fmt: skip
-    compared = compare.merge_runs([
-        compare.compare(config, model, test_nets, [seq.task_1, task_2, task_3], mean, std,
-                        methods, starts, cache_dir=task_b.cache_dir(config, workdir))
-        for task_2, task_3 in seq.meta_test
-    ])  # fmt: skip
+    parts, cache = [], task_b.cache_dir(config, workdir)
+    for task_2, task_3 in seq.meta_test:
+        parts.append(compare.compare(config, model, test_nets, [seq.task_1, task_2, task_3], mean,
+                                     std, methods, starts, cache_dir=cache))  # fmt: skip
+    compared = compare.merge_runs(parts)
     results = {
         "experiment": config.experiment,
         "preset": config.preset,

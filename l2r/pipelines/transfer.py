@@ -26,6 +26,7 @@ from l2r.config_checks import require
 from l2r.data import plan
 from l2r.meta import figures, loop
 from l2r.methods import registry
+from l2r.methods.learned import Rule
 from l2r.models import registry as model_registry
 
 
@@ -66,22 +67,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_meta = training.to_device(meta_plan.meta_train, mean, std)
     rule, history = None, {}
     if "learned" in config.task_b.methods:  # Baselines alone need no meta-training.
-        rule, history = loop.meta_train_rule(config, model, train_nets, data_a, data_meta,
-                                             os.path.join(workdir, "meta"),
-                                             class_table=meta_plan.class_table)  # fmt: skip
+        run, state, history = loop.meta_train(config, model, train_nets, data_a, data_meta,
+                                              os.path.join(workdir, "meta"),
+                                              class_table=meta_plan.class_table)  # fmt: skip
         # The meta-test runs in every process on its own devices.
-        rule = rule._replace(theta=distributed.local_copy(rule.theta))
+        rule = Rule(run.ml, distributed.local_copy(state.theta), run.lr)
     meta_s = time.time() - t1
     n_way = config.pools.n_way if "pools" in config else None
     starts, start_s = compare.method_starts(config, model, test_nets, data_a, data_meta, workdir,
                                             n_way)  # fmt: skip
     context = registry.Context(rule=rule)
     methods = [registry.build(n, model, config.task_b, context) for n in config.task_b.methods]
-    compared = compare.merge_runs([
-        compare.compare(config, model, test_nets, [task_a, task], mean, std, methods, starts,
-                        cache_dir=task_b.cache_dir(config, workdir))
-        for task in meta_plan.meta_test
-    ])  # fmt: skip
+    parts, cache = [], task_b.cache_dir(config, workdir)
+    for task in meta_plan.meta_test:
+        parts.append(compare.compare(config, model, test_nets, [task_a, task], mean, std, methods,
+                                     starts, cache_dir=cache))  # fmt: skip
+    compared = compare.merge_runs(parts)
     results = {
         "experiment": config.experiment,
         "preset": config.preset,
