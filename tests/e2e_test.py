@@ -45,9 +45,18 @@ def test_fig1_smoke_with_every_baseline(tmp_path):
 
 
 def test_exp1_smoke_with_every_method(tmp_path):
-    _, results, _ = run_smoke(exp1, tmp_path, ALL)
+    config, results, saved = run_smoke(exp1, tmp_path, ALL)
     assert_golden(results, "exp1_smoke", "exp1_smoke_all")
-    assert os.path.getsize(tmp_path / "fig7_delta.png") > 0
+    for name in ("config.json", "results.json", "results.md", "exp1_task_A.png",
+                 "exp1_task_B.png", "fig6_curriculum.png", "fig7_delta.png"):  # fmt: skip
+        assert os.path.getsize(tmp_path / name) > 0, name
+    assert list(saved["methods"]) == list(ALL)
+    # Meta-training stopped by its own rule: the window budget, or enough finished episodes.
+    history = saved["meta"]
+    finished = history["episodes_done"][-1] >= config.meta.episodes
+    assert len(history["loss"]) == config.meta.max_windows or finished, history
+    assert len(history["loss"]) <= config.meta.max_windows
+    assert results["steps"][-1] == config.task_b.steps
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 by the run's hyper-parameters (a changed one starts afresh, a raised budget resumes), and the
 Exp-1 pipeline end to end (generated data)."""
 
-import json
 import os
 
 import chex
@@ -11,8 +10,6 @@ import numpy as np
 import pytest
 from smoke_setup import tiny
 
-from experiments.configs import exp1
-from l2r import workdir as workdir_lib
 from l2r.meta import episodes, loop
 
 
@@ -72,23 +69,3 @@ def test_changed_hyperparameters_start_afresh_and_a_raised_budget_resumes(setup,
         assert run.lr == config.task_b.learning_rate
         assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.theta))
     assert len(os.listdir(meta)) == 3
-
-
-@pytest.mark.slow
-def test_exp1_smoke_pipeline_writes_every_artefact(tmp_path):
-    from l2r.pipelines import transfer
-
-    config = exp1.get_config("smoke")
-    with workdir_lib.locked(str(tmp_path)):
-        results = transfer.run(config, str(tmp_path))
-    for name in ("config.json", "results.json", "results.md", "exp1_task_A.png",
-                 "exp1_task_B.png", "fig6_curriculum.png", "fig7_delta.png"):  # fmt: skip
-        assert os.path.getsize(tmp_path / name) > 0, name
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["methods"]) == {"sgd", "sgd_x0.1", "teacher", "learned"}
-    # Meta-training stopped by its own rule: the window budget, or enough finished episodes.
-    history = saved["meta"]
-    finished = history["episodes_done"][-1] >= config.meta.episodes
-    assert len(history["loss"]) == config.meta.max_windows or finished, history
-    assert len(history["loss"]) <= config.meta.max_windows
-    assert results["steps"][-1] == config.task_b.steps
