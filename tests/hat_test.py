@@ -277,3 +277,38 @@ def test_pretrain_hat_caches_and_feeds_task_b(tmp_path):
     assert states.step.tolist() == [3] and bool(jnp.isfinite(metrics["loss"]).all())
     rep = jax.vmap(lambda n: method.represent(n, images((2, 16, 16, 1)), 1))(method.network(states))
     assert rep.shape == (1, 2, 8)
+
+
+def test_binary_gates_freeze_tasks_1_and_2_while_task_3_learns(tiny):
+    """Exp 5: after Task 2, the switch hands over to Task 3, whose weight gradients are
+    conditioned on the maximum of the Task-1 and Task-2 gates: with binary gates both earlier
+    tasks' gated representations are preserved exactly while head_c and e_C learn."""
+    model, params, x = tiny
+    d = model.representation_dim
+    network = {**tiny_network(model, params),
+               "head_c": models.init_head(jax.random.key(9), d, 3)}  # fmt: skip
+    make = lambda head: hat.make_hat(model, 0.5, s_max=400.0, reg=0.75, clip_embedding=6.0,
+                                     anneal_steps=4, head=head)  # noqa: E731  # fmt: skip
+    on_2, on_3 = make("head_b"), make("head_c")
+    xs = images((4, 8, 16, 16, 3), seed=1)
+    ys = jnp.asarray(np.random.default_rng(2).integers(0, 3, (4, 8)), jnp.int32)
+    state0, after_2, _ = run_steps(on_2, network, xs, ys)
+    assert set(state0.network["hat"]) == {"emb_a", "emb_b", "emb_c"}  # drawn at init
+    chex.assert_trees_all_equal(after_2.network["head_c"], network["head_c"])  # untouched
+
+    state = on_3.switch(after_2, None, jax.random.key(5))
+    assert int(state.step) == 0  # the annealing of s restarts
+    body = lambda st, b: on_3.step(st, Batch(*b), None)  # noqa: E731
+    after_3, metrics = jax.jit(lambda st: jax.lax.scan(body, st, (xs[::-1], ys[::-1])))(state)
+    assert bool(jnp.all(jnp.isfinite(metrics["loss"])))
+    before, after = after_2.network, after_3.network
+    for task in (0, 1):  # Tasks 1 and 2 through their own gates: unchanged
+        np.testing.assert_allclose(on_3.represent(after, x, task), on_3.represent(before, x, task),
+                                   atol=1e-6, rtol=1e-6)  # fmt: skip
+    for kept in ("head_a", "head_b"):
+        chex.assert_trees_all_equal(after[kept], before[kept])
+    for emb in ("emb_a", "emb_b"):
+        chex.assert_trees_all_equal(after["hat"][emb], before["hat"][emb])
+    moved = lambda a, b: float(jnp.max(jnp.abs(a - b)))  # noqa: E731
+    assert moved(after["head_c"]["kernel"], before["head_c"]["kernel"]) > 1e-3
+    assert moved(after["hat"]["emb_c"]["gn0"], before["hat"]["emb_c"]["gn0"]) > 1e-3
