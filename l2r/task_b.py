@@ -38,6 +38,18 @@ def metric_names(names) -> tuple[str, ...]:
     return (*out, f"cka_{names[0]}")
 
 
+def display_order(metrics) -> list[str]:
+    """The keys of probe `metrics` in `metric_names` order (a pytree's dict comes back from the
+    device with its keys sorted): per task readout then original, tasks in order, CKA last."""
+    kinds = {"readout": 0, "original": 1}
+
+    def rank(key):
+        kind, _, task = key.partition("_")
+        return (kind not in kinds, task, kinds.get(kind, 2))
+
+    return sorted(metrics, key=rank)
+
+
 class ProbeSets(NamedTuple):
     """Device-resident data the probe measures on (possibly subsampled for speed)."""
 
@@ -220,13 +232,13 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
         )
         initial_probe = seeds.host(metrics0), ref_rep
     metrics0, ref_rep = initial_probe
-    history = {k: [np.asarray(v)] for k, v in metrics0.items()}
+    history = {k: [np.asarray(metrics0[k])] for k in display_order(metrics0)}
     history["loss"] = [np.full(num_seeds, np.nan)]
     train_s = probe_s = 0.0
     every = config.task_b.probe_every
     total = sum(p.streams.idx_b.shape[1] for p in phases)
     progress = report.Progress(total, f"{first.name} x{num_seeds}")
-    first_readout = next(iter(metrics0))
+    first_readout = next(iter(history))
     timer = {"t0": 0.0}  # when the chunk being run was dispatched
     offset = 0
     for i, phase in enumerate(phases):
@@ -264,7 +276,7 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
             metrics = seeds.host(metrics)
             probe_s += time.time() - t1
             for k in metrics0:
-                history[k].append(np.asarray(metrics[k]))
+                history[k].append(np.asarray(metrics[k]))  # (insertion order: `history`'s)
             history["loss"].append(np.asarray(step_metrics["loss"]))
             return {"loss": float(np.mean(step_metrics["loss"])),
                     first_readout: float(np.mean(metrics[first_readout]))}  # fmt: skip
