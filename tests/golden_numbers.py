@@ -2,7 +2,10 @@
 
 `tests/golden/<preset>.json` hold them for the smoke presets as the code before the l2r/
 restructure computed them (`python -m tests.golden_numbers record WORKDIR NAME` writes one);
-`e2e_test.py` reruns each preset and requires equality to 1e-6.
+`e2e_test.py` reruns each preset and requires equality to 1e-6. `fig1_cpu.json` holds the README
+run (`fig1.py:cpu`, Fashion-MNIST, about 10 minutes, so not a unit test): check a run of it with
+`python -m tests.golden_numbers check WORKDIR fig1_cpu`. Float results can differ across CPU
+kinds; these were recorded on the project's 2-core machine.
 """
 
 import json
