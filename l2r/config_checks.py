@@ -4,6 +4,8 @@ Each failed check raises `ConfigError` with one line naming the field and a vali
 bad input costs seconds, not a run.
 """
 
+import math
+
 import jax
 import ml_collections
 
@@ -24,10 +26,48 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Numeric fields that must be > 0 (learning rates, batch sizes, step and episode counts, sizes);
+# every other numeric field must be >= 0 (there, 0 means "none", "all" or "off"). Fields a
+# config does not have are skipped.
+POSITIVE = (
+    "num_seeds", "model.groups",
+    "pretrain.learning_rate", "pretrain.batch_size", "pretrain.steps", "pretrain.num_checkpoints",
+    "pretrain.seeds_per_call",
+    "readout.learning_rate", "readout.steps",
+    "task_b.learning_rate", "task_b.batch_size", "task_b.teacher_batch_a", "task_b.steps",
+    "task_b.steps_2", "task_b.steps_3", "task_b.probe_every",
+    "task_b.lwf.temperature", "task_b.ewc.fisher_examples", "task_b.hat.s_max",
+    "task_b.hat.clip_embedding", "task_b.oml.inner_lr", "task_b.oml.outer_lr",
+    "task_b.oml.inner_steps", "task_b.oml.outer_steps", "task_b.oml.support_batch",
+    "task_b.oml.query_batch",
+    "meta.learning_rate", "meta.loss_scale", "meta.clip_grad_norm", "meta.episodes",
+    "meta.inner_steps", "meta.num_episodes_parallel", "meta.tbptt", "meta.tbptt_max",
+    "meta.curriculum_every", "meta.hidden_kernel", "meta.hidden_vector", "meta.input_clip",
+)  # fmt: skip
+
+
+def _numbers(config, prefix=""):
+    """(dotted field, value) of every int or float leaf of `config`."""
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _numbers(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield f"{prefix}{k}", v
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every numeric field is finite and >= 0, those of `POSITIVE` > 0."""
+    for field, value in _numbers(config):
+        positive = field in POSITIVE
+        ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+        require(ok, f"{field}={value!r}: use a finite number {'> 0' if positive else '>= 0'} "
+                f"(--config.{field}=...).")  # fmt: skip
+
+
 def check_common(config: ml_collections.ConfigDict, task_b: bool = True) -> None:
     """Checks the fields shared by every experiment (`task_b=False`: one without a
     `data.classes_b`, whose later tasks come from class pools, as Exp 5)."""
-    require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; use 1 or more.")
+    check_numbers(config)
     require(
         config.model.name in model_registry.names(),
         f"model.name={config.model.name!r}; choose one of {', '.join(model_registry.names())}.",
@@ -120,6 +160,9 @@ def check_meta(config: ml_collections.ConfigDict) -> None:
             "meta.shard_episodes=False to run them all on one device.")  # fmt: skip
     require(m.episodes >= 1 and m.inner_steps >= 1, "meta.episodes, meta.inner_steps must be >= 1.")
     require(1 <= m.tbptt <= m.tbptt_max, f"meta.tbptt={m.tbptt} must be in [1, tbptt_max].")
+    require(m.tbptt_max <= m.inner_steps,
+            f"meta.tbptt_max={m.tbptt_max} is longer than an episode (meta.inner_steps="
+            f"{m.inner_steps}); lower meta.tbptt_max or raise meta.inner_steps.")  # fmt: skip
     require(m.curriculum_every >= 1, "meta.curriculum_every must be >= 1.")
     require(m.learning_rate > 0 and m.loss_scale > 0, "meta.learning_rate, loss_scale must be > 0.")
     n_ckpt = config.pretrain.num_checkpoints
