@@ -147,7 +147,7 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
     sizes = [len(t.train.labels) for t in task_list]
     earlier, phases = learned[0], []
     for k in range(1, k_tasks + 1):  # (data_a, data_b, streams) of learning task k
-        if k == 1 and k_tasks == 1:
+        if k == 1 and k_tasks == 1:  # Exps 1-4 keep their own stream names (and numbers).
             streams = task_b.make_streams(config, sizes[1], sizes[0], s)
         else:
             streams = task_b.sequence_streams(config, sizes[k], sizes[:k], steps[k - 1], k + 1)

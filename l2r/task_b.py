@@ -29,18 +29,12 @@ from l2r.data import stream
 from l2r.methods.base import Batch, Method
 
 
-def metric_names(names) -> tuple[str, ...]:
-    """Probe metrics in display order for tasks `names` (("A", "B") or ("1", "2", "3")):
-    readout_X, a fresh linear readout on the frozen representation (§1); original_X, the
-    network's own head for task X (for the first task the pre-trained head: the paper's
-    "Original"); cka_<first>, linear CKA of first-task representations to the start's."""
-    out = [f"{kind}_{n}" for n in names for kind in ("readout", "original")]
-    return (*out, f"cka_{names[0]}")
-
-
 def display_order(metrics) -> list[str]:
-    """The keys of probe `metrics` in `metric_names` order (a pytree's dict comes back from the
-    device with its keys sorted): per task readout then original, tasks in order, CKA last."""
+    """The keys of probe `metrics` in display order: per task readout_X (a fresh linear readout
+    on the frozen representation, §1) then original_X (the network's own head for task X; for
+    the first task the pre-trained head, the paper's "Original"), tasks in order, and last
+    cka_<first> (linear CKA of first-task representations to the start's). Needed because a
+    dict comes back from the device with its keys sorted."""
     kinds = {"readout": 0, "original": 1}
 
     def rank(key):
@@ -276,7 +270,7 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
             metrics = seeds.host(metrics)
             probe_s += time.time() - t1
             for k in metrics0:
-                history[k].append(np.asarray(metrics[k]))  # (insertion order: `history`'s)
+                history[k].append(np.asarray(metrics[k]))
             history["loss"].append(np.asarray(step_metrics["loss"]))
             return {"loss": float(np.mean(step_metrics["loss"])),
                     first_readout: float(np.mean(metrics[first_readout]))}  # fmt: skip

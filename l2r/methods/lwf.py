@@ -137,7 +137,7 @@ def make_lwf(
     def switch(state: LwfState, data_done, key):
         del data_done, key
         net = state.network
-        earlier = {k: net[k] for k in ("head_a", "head_b", "head_c", "head_d") if k < head}
+        earlier = {k: v for k, v in sorted(net.items()) if k.startswith("head_") and k < head}
         return LwfState(net, net["backbone"], earlier)
 
     return Method(name=name, init=init, step=step, network=lambda s: s.network,
