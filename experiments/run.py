@@ -4,7 +4,9 @@ r"""Runs one l2r experiment from a config file.
   python -m experiments.run --config=experiments/configs/fig1.py:smoke --workdir=/tmp/s \
       --config.task_b.steps=40 --overwrite
 
-`--config.<field>=value` overrides any field; an unknown field is an error.
+`--config=exp3.py` names a file of `experiments/configs/` (a path works too).
+`--config.<field>=value` overrides any field; an unknown field is an error. A wrong flag, config
+or workdir stops the run before any work with one line on stderr and exit status 2.
 
 Launched on several processes (TPU pod, SLURM, `launch/`), every process runs this same command:
 `l2r.distributed.initialize()` connects them, process 0 writes the logs, tables and figures and
@@ -12,15 +14,20 @@ all of them write the (collective) Orbax checkpoints. `--num_cpu_devices=N` runs
 CPU devices, to test sharded code on one machine.
 """
 
+import importlib
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import configs
 from l2r import distributed
 from l2r import workdir as workdir_lib
+from l2r.config_checks import ConfigError
+from l2r.data.sources import DataError
 from l2r.pipelines import PIPELINES
 
 config_flags.DEFINE_config_file(
@@ -60,21 +67,95 @@ def start_runtime() -> None:
     logging.info("JAX runtime: %s", distributed.describe())
 
 
+def resolve_config_path(argv: list[str]) -> list[str]:
+    """`--config=exp3.py[:preset]` names `experiments/configs/exp3.py` when no such file is
+    found from the current folder (so the command works from anywhere)."""
+    out, own = [], os.path.dirname(configs.__file__)
+    for i, arg in enumerate(argv):
+        value = None
+        if arg.startswith("--config="):
+            value = arg[len("--config=") :]
+        elif i > 0 and argv[i - 1] == "--config":
+            value = arg
+        if value is not None:
+            path, sep, preset = value.partition(":")
+            if not os.path.exists(path) and os.path.exists(os.path.join(own, path)):
+                value = os.path.join(own, path) + sep + preset
+            arg = f"--config={value}" if arg.startswith("--config=") else value
+        out.append(arg)
+    return out
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from, outermost first."""
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _override(argv: list[str], field: str) -> str:
+    """The `--config.` override among `argv` that names `field`, or a generic description."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--config.") and field in name[len("--config.") :].split("."):
+            return name
+    return "a --config. override"
+
+
+def flag_error(e: BaseException, argv: list[str]) -> str:
+    """One line for a command line that absl or ml_collections refused (they raise with
+    tracebacks and nested causes): what is wrong, and the fix where one is known."""
+    chain = _chain(e)
+    text = "\n".join(str(c) for c in chain)
+    m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
+    if m:
+        good, bad = m.groups()
+        flag = _override(argv, bad)
+        return f"{flag}: the config has no field {bad!r}; did you mean {flag.replace(bad, good)}?"
+    missing = [c for c in chain if isinstance(c, KeyError)]
+    if missing:
+        field = str(missing[-1].args[0]).strip("'")
+        return (f"{_override(argv, field)}: the config has no field {field!r}; its fields are "
+                "those of the config file.")  # fmt: skip
+    m = re.search(r"No such file or directory: '([^']+)'", text)
+    if m:
+        return (f"config file {m.group(1)} not found; pass a file of experiments/configs/ "
+                "(--config=fig1.py:cpu) or a path to your own config file.")  # fmt: skip
+    # absl's own message names the flag; it wraps the config file's errors in a traceback.
+    root = chain[0] if "Traceback" not in str(chain[0]) else chain[-1]
+    lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(root).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every refusal reported in one line (exit status 2)."""
+    argv = resolve_config_path(argv)
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.get("experiment")  # A config file that failed to load raises here.
+    except Exception as e:  # absl, ml_collections and the config file raise many types.
+        print(f"error: {flag_error(e, argv)}", file=sys.stderr)
+        sys.exit(2)
+    return rest
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(quiet_libraries)
-    start_runtime()
-    config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
-    if config.experiment not in PIPELINES:
-        raise app.UsageError(f"No pipeline for experiment {config.experiment!r}.")
-    import importlib
-
-    from l2r.config_checks import ConfigError
-    from l2r.data.sources import DataError
-
-    pipeline = importlib.import_module(PIPELINES[config.experiment])
+    start_runtime()  # First: the config checks below count devices.
+    config, workdir = FLAGS.config, FLAGS.workdir
     try:
+        if not workdir.strip():
+            raise workdir_lib.WorkdirError("--workdir is empty; name a folder for the results.")
+        workdir = os.path.abspath(workdir)
+        if config.experiment not in PIPELINES:
+            raise ConfigError(f"config.experiment={config.experiment!r} has no pipeline; "
+                              f"choose one of {', '.join(PIPELINES)}.")  # fmt: skip
+        pipeline = importlib.import_module(PIPELINES[config.experiment])
         pipeline.check_config(config)  # Cheap checks before the workdir is touched.
+        workdir_lib.check_usable(workdir)
         with workdir_lib.locked(workdir, FLAGS.overwrite):
             pipeline.run(config, workdir)
     except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
@@ -84,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

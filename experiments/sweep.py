@@ -13,7 +13,9 @@ set of checkpoints; finished Task-B runs are shared through `<workdir>/task_b` (
 `task_b.cache_dir` is set), so a method whose own settings did not change (`sgd` in a sweep of
 `task_b.ewc.coef`) runs once. After every setting, `<workdir>/sweep.md` and `sweep.json` are
 rewritten: one row per setting × method with readout accuracy on A before and after Task B,
-the forgetting of A and the final readout on B (mean ± std over seeds).
+the forgetting of A and the final readout on B (mean ± std over seeds). Runs that diverged
+(`l2r.divergence`) are left out of those numbers and counted in the method cell; a setting
+whose every run of a method diverged reads "diverged" and holds no numbers for it.
 
 Every key, value and resulting config is checked before anything runs. A sweep that is
 interrupted resumes where it stopped: settings whose run finished (their `results.json` exists,
@@ -33,7 +35,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from experiments import run as run_lib  # Shares --config, --workdir, --overwrite and PIPELINES.
-from l2r import cl_metrics, distributed, report
+from l2r import cl_metrics, distributed, divergence, report
 from l2r import workdir as workdir_lib
 
 flags.DEFINE_multi_string(
@@ -283,7 +285,8 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def summary_rows(name: str, setting: dict, results) -> list[dict]:
     """One row per method: readout A before/after, forgetting of A and readout B, each as
-    {"mean", "std"} over seeds (fractions, not percent)."""
+    {"mean", "std"} over the seeds that did not diverge (fractions, not percent), or None when
+    all of them diverged; "runs" and "diverged" count the method's seeds."""
     fields = {
         "readout_A_before": "before_readout_A",
         "readout_A": "after_readout_A",
@@ -291,17 +294,25 @@ def summary_rows(name: str, setting: dict, results) -> list[dict]:
         "readout_B": "after_readout_B",
     }
     rows = []
+    dropped = divergence.dropped_rows(results)
     for method, stats in cl_metrics.summarize(results).items():
-        row = {"run": name, "setting": setting, "method": method}
+        runs, gone = divergence.num_runs(results, method), len(dropped.get(method, []))
+        row = {"run": name, "setting": setting, "method": method, "runs": runs, "diverged": gone}
         for field, stat in fields.items():
             mean, std = stats[stat]
-            row[field] = {"mean": mean, "std": std}
+            # No number at all: a diverged setting must not look like a result to rank.
+            row[field] = None if gone and gone >= runs else {"mean": mean, "std": std}
         rows.append(row)
     return rows
 
 
+def _percent(stat: dict | None) -> str:
+    return "diverged" if stat is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
 def markdown(rows: list[dict], keys: list[str], note: str = "") -> str:
-    """The sweep table: one row per setting × method, accuracies in %, forgetting in points."""
+    """The sweep table: one row per setting × method, accuracies in %, forgetting in points;
+    the method cell counts diverged runs, and a fully diverged one reads "diverged"."""
     stats = [
         ("readout_A_before", "readout A before (%)"),
         ("readout_A", "readout A after (%)"),
@@ -313,8 +324,8 @@ def markdown(rows: list[dict], keys: list[str], note: str = "") -> str:
     for row in rows:
         cells = [row["run"].split("_", 1)[0]]
         cells += [_fmt_value(row["setting"][k]) for k in keys]
-        cells.append(row["method"])
-        cells += [f"{100 * row[s]['mean']:.1f} ± {100 * row[s]['std']:.1f}" for s, _ in stats]
+        cells.append(divergence.table_label(row["method"], row["diverged"], row["runs"]))
+        cells += [_percent(row[s]) for s, _ in stats]
         lines.append("| " + " | ".join(cells) + " |")
     return (note + "\n\n" if note else "") + "\n".join(lines) + "\n"
 

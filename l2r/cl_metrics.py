@@ -14,12 +14,15 @@ Forgetting's max starts at i = j: Chaudhry et al. write max over every earlier r
 their setting adds nothing (an untrained head scores near chance); with a readout, a task
 can score well before it is trained on (transfer), and that is not knowledge that was lost.
 For K = 2 the two definitions agree. Every statistic is computed per seed, then reported as
-mean ± std over seeds (sample std, ddof=1; 0 for one seed), as in `l2r.report`.
+mean ± std over seeds (sample std, ddof=1; 0 for one seed), as in `l2r.report`, leaving out the
+runs that diverged (`l2r.divergence`).
 """
 
 from collections.abc import Sequence
 
 import numpy as np
+
+from l2r import divergence
 
 READOUT = ("readout_A", "readout_B")  # Per-task probe metrics, in task order.
 
@@ -85,6 +88,8 @@ def accuracy_matrices(
 
 
 def _mean_std(x_S: np.ndarray) -> tuple[float, float]:
+    if not x_S.shape[0]:  # Every run diverged: no number to report.
+        return float("nan"), float("nan")
     ddof = 1 if x_S.shape[0] > 1 else 0
     return float(x_S.mean(0)), float(x_S.std(0, ddof=ddof))
 
@@ -92,7 +97,8 @@ def _mean_std(x_S: np.ndarray) -> tuple[float, float]:
 def summarize(
     results, metrics: Sequence[str] = READOUT, task_ends: Sequence[int] | None = None
 ) -> dict:
-    """Continual-learning statistics of every method in `results`, mean ± std over seeds.
+    """Continual-learning statistics of every method in `results`, mean ± std over the seeds
+    whose runs did not diverge (`l2r.divergence`; (NaN, NaN) when none is left).
 
     Args:
       results: {"methods": {name: {metric: [S, P]}}, ...} as written by the experiments.
@@ -104,8 +110,9 @@ def summarize(
       `avg_acc` and `bwt`; accuracies as fractions.
     """
     out = {}
+    dropped = divergence.dropped_rows(results)
     for name, history in results["methods"].items():
-        r = accuracy_matrices(history, metrics, task_ends)
+        r = divergence.kept(accuracy_matrices(history, metrics, task_ends), dropped.get(name, []))
         k = len(metrics)
         per_seed = {}
         for j, m in enumerate(metrics):
@@ -130,8 +137,10 @@ def markdown_table(
 ) -> str:
     """Markdown table, one row per method: each earlier task's accuracy before → after and its
     forgetting, the last task's final accuracy, average accuracy and BWT (percent / points,
-    mean ± std over seeds)."""
+    mean ± std over seeds). Diverged runs are left out and counted in the method cell; a
+    method whose every run diverged reads "diverged" throughout (`l2r.divergence`)."""
     stats = summarize(results, metrics, task_ends)
+    dropped = divergence.dropped_rows(results)
     *earlier, last = metrics
     header = ["method"]
     for m in earlier:
@@ -139,7 +148,11 @@ def markdown_table(
     header += [f"{last} (%)", "avg acc (%)", "BWT (pts)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in stats.items():
-        row = [name]
+        runs, gone = divergence.num_runs(results, name), len(dropped.get(name, []))
+        row = [divergence.table_label(name, gone, runs)]
+        if gone and gone >= runs:
+            lines.append("| " + " | ".join(row + ["diverged"] * (len(header) - 1)) + " |")
+            continue
         for m in earlier:
             row += [f"{_pct(s[f'before_{m}'])} → {_pct(s[f'after_{m}'])}"]
             row += [_pct(s[f"forgetting_{m}"])]

@@ -159,6 +159,13 @@ def check_meta(config: ml_collections.ConfigDict) -> None:
             f"evenly over {n_dev} devices: make it a multiple of {n_dev}, or set "
             "meta.shard_episodes=False to run them all on one device.")  # fmt: skip
     require(m.episodes >= 1 and m.inner_steps >= 1, "meta.episodes, meta.inner_steps must be >= 1.")
+    # The parallel episodes start together and, being equally long, end together: the count
+    # grows by num_episodes_parallel at a time.
+    p = m.num_episodes_parallel
+    require(m.episodes % p == 0,
+            f"meta.episodes={m.episodes} is not a multiple of meta.num_episodes_parallel={p}: "
+            f"episodes end {p} at a time, so {-(-m.episodes // p) * p} would run; make "
+            "meta.episodes a multiple of it.")  # fmt: skip
     require(1 <= m.tbptt <= m.tbptt_max, f"meta.tbptt={m.tbptt} must be in [1, tbptt_max].")
     require(m.tbptt_max <= m.inner_steps,
             f"meta.tbptt_max={m.tbptt_max} is longer than an episode (meta.inner_steps="

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -17,8 +16,10 @@ import matplotlib
 import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from l2r import cl_metrics, distributed
+from l2r import cl_metrics, distributed, divergence
+from l2r import workdir as workdir_lib
 
 # Metrics with these prefixes are accuracies in [0, 1], displayed in percent.
 _PERCENT_PREFIXES = ("readout_", "original_")
@@ -43,35 +44,43 @@ def to_jsonable(obj):
 def write_atomic(path, data: bytes) -> str:
     """Writes `data` to `path` through a temp file in the same dir: never leaves half a file.
 
-    Every artefact goes through here; only process 0 of a multi-process run writes (the others
-    return the path without writing), so N processes never race on one file.
+    Every artefact goes through here (see `l2r.workdir.write_atomic`): readable by others under
+    the usual umask, and written by process 0 alone in a multi-process run.
     """
-    path = os.fspath(path)
-    if not distributed.is_main():
-        return path
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # Atomic on POSIX when source and target share a filesystem.
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return workdir_lib.write_atomic(path, data)
 
 
 def write_results_json(results, workdir) -> str:
-    """Atomically writes `results` to `<workdir>/results.json` and returns the path."""
+    """Writes `config.json` (from `results["config"]`) and then `results.json`, atomically, and
+    returns the latter's path. Call it last of all a run's artefacts: a workdir with
+    `results.json` is finished (`l2r.workdir`), so a run killed before it is rerun to the end.
+
+    Results being replaced (`--overwrite`) are removed first, so `config.json` never describes
+    a run that `results.json` does not hold.
+    """
     os.makedirs(workdir, exist_ok=True)
     text = json.dumps(to_jsonable(results), indent=2, allow_nan=False)
-    return write_atomic(os.path.join(workdir, "results.json"), text.encode())
+    path = os.path.join(workdir, workdir_lib.RESULTS_FILE)
+    if distributed.is_main() and os.path.exists(path):
+        os.unlink(path)
+    if "config" in results:
+        workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), results["config"])
+    return write_atomic(path, text.encode())
 
 
 def _metric(results, method: str, name: str) -> np.ndarray:
     """Returns metric `name` of `method` as a float array [S, P] (a lone curve [P] gets S=1)."""
     return np.atleast_2d(np.asarray(results["methods"][method][name], dtype=np.float64))
+
+
+def _kept_metric(results, method: str, name: str, dropped: dict) -> np.ndarray:
+    """`_metric` over the runs that did not diverge; `dropped`: `divergence.dropped_rows`."""
+    return divergence.kept(_metric(results, method, name), dropped.get(method, []))
+
+
+def _label(results, method: str, dropped: dict, label: Callable) -> str:
+    """`method` as `label` (`divergence.table_label` or `figure_label`) names it."""
+    return label(method, len(dropped.get(method, [])), divergence.num_runs(results, method))
 
 
 def _mean_std(x_SxP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +95,14 @@ def _is_percent(metric: str) -> bool:
 
 def _fmt(mean: float, std: float, percent: bool) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.3f} ± {std:.3f}"
+
+
+def _cell(x_Sx1: np.ndarray, percent: bool) -> str:
+    """Mean ± std of one probe step's values over the kept runs; "diverged" when none is left."""
+    if not x_Sx1.shape[0]:
+        return "diverged"
+    mean, std = _mean_std(x_Sx1)
+    return _fmt(mean[0], std[0], percent)
 
 
 def _metric_names(results) -> list[str]:
@@ -116,7 +133,8 @@ def summary_table(results, step=None) -> str:
 
     Besides the raw metrics, `forgetting_A` (and `forgetting_orig_A`) is the drop in readout_A
     (original_A) accuracy from the first probe step to `step`, in points, as mean ± std of the
-    per-seed differences.
+    per-seed differences. Runs that diverged (`l2r.divergence`) are left out of every cell, and
+    the method cell says how many; a method whose every run diverged reads "diverged".
     """
     p = _step_index(results, step)
     metrics = _metric_names(results)
@@ -127,41 +145,45 @@ def summary_table(results, step=None) -> str:
     ]
     header = ["method"] + [f"{m} (%)" if _is_percent(m) else m for m in metrics]
     header += [f"{f} (pts)" for _, f in derived]
+    dropped = divergence.dropped_rows(results)
     rows = []
     for method, values in results["methods"].items():
-        row = [method]
+        row = [_label(results, method, dropped, divergence.table_label)]
         for m in metrics:
             if m not in values:
                 row.append("—")
                 continue
-            mean, std = _mean_std(_metric(results, method, m)[:, p : p + 1])
-            row.append(_fmt(mean[0], std[0], _is_percent(m)))
+            x = _kept_metric(results, method, m, dropped)
+            row.append(_cell(x[:, p : p + 1], _is_percent(m)))
         for m, _ in derived:
             if m not in values:
                 row.append("—")
                 continue
-            x = _metric(results, method, m)
-            mean, std = _mean_std(x[:, :1] - x[:, p : p + 1])
-            row.append(_fmt(mean[0], std[0], percent=True))
+            x = _kept_metric(results, method, m, dropped)
+            row.append(_cell(x[:, :1] - x[:, p : p + 1], percent=True))
         rows.append(row)
     n_seeds = len(results.get("seeds", []))
+    left_out = ", less the diverged runs," if dropped else ""
     note = (
-        f"Step {results['steps'][p]}; mean ± std over {n_seeds} seeds "
+        f"Step {results['steps'][p]}; mean ± std over {n_seeds} seeds{left_out} "
         "(sample std, ddof=1); accuracies and forgetting in percent / points."
     )
     return note + "\n\n" + _table(header, rows)
 
 
 def curves_table(results, metric: str) -> str:
-    """Markdown table of `metric`: rows are probe steps, columns are methods, mean ± std."""
+    """Markdown table of `metric`: rows are probe steps, columns are methods, mean ± std over
+    the runs that did not diverge (the column header says how many did; see `summary_table`)."""
     methods = [m for m, v in results["methods"].items() if metric in v]
-    stats = [_mean_std(_metric(results, m, metric)) for m in methods]
+    dropped = divergence.dropped_rows(results)
+    runs = [_kept_metric(results, m, metric, dropped) for m in methods]
     rows = [
-        [str(s)] + [_fmt(mean[i], std[i], _is_percent(metric)) for mean, std in stats]
+        [str(s)] + [_cell(x[:, i : i + 1], _is_percent(metric)) for x in runs]
         for i, s in enumerate(results["steps"])
     ]
+    header = ["step"] + [_label(results, m, dropped, divergence.table_label) for m in methods]
     unit = " (%)" if _is_percent(metric) else ""
-    return f"**{metric}{unit}**\n\n" + _table(["step"] + methods, rows)
+    return f"**{metric}{unit}**\n\n" + _table(header, rows)
 
 
 def write_markdown(results, workdir, title=None) -> str:
@@ -173,7 +195,11 @@ def write_markdown(results, workdir, title=None) -> str:
         f"Experiment `{results.get('experiment')}`, preset `{results.get('preset')}`, "
         f"{len(seeds)} seeds {seeds}, {len(steps)} probe steps from {steps[0]} to {steps[-1]}."
     )
-    parts = [f"# {title}", setup, "## Summary", summary_table(results)]
+    parts = [f"# {title}", setup]
+    gone = divergence.describe(results)
+    if gone:
+        parts.append("**Diverged**, left out of every mean ± std below: " + "; ".join(gone) + ".")
+    parts += ["## Summary", summary_table(results)]
     if all(m in _metric_names(results) for m in cl_metrics.READOUT):
         parts += [
             "## Continual-learning view (readout accuracy; rows: before / after Task B)",
@@ -197,12 +223,15 @@ def save_figure(fig: Figure, path: str) -> str:
 def curves_figure(results, metrics: list[str], ylabel: str) -> Figure:
     """One panel per metric of `metrics` (vs Task-B steps, sharing the y axis): one line per
     method with its mean over seeds, shaded ± std, and one legend beside the panels. Each
-    method's colour is fixed by its position in `results["methods"]`."""
+    method's colour is fixed by its position in `results["methods"]`. Diverged runs
+    (`l2r.divergence`) are left out: the legend says "ewc (1/3 diverged)", or "ewc (diverged)"
+    for a method with no run left, which gets a legend entry but no line."""
     steps = np.asarray(results["steps"])
     methods = list(results["methods"])
     palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
     fig = Figure(figsize=(4.5 * len(metrics) + 1.5, 4), layout="constrained")
     axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    dropped = divergence.dropped_rows(results)
     lines = {}
     for ax, metric in zip(axes, metrics, strict=True):
         scale = 100.0 if _is_percent(metric) else 1.0
@@ -210,14 +239,20 @@ def curves_figure(results, metrics: list[str], ylabel: str) -> Figure:
             if metric not in results["methods"][method]:
                 continue
             colour = palette[i % len(palette)]
-            mean, std = (scale * a for a in _mean_std(_metric(results, method, metric)))
-            (lines[method],) = ax.plot(steps, mean, color=colour, label=method)
+            label = _label(results, method, dropped, divergence.figure_label)
+            x = _kept_metric(results, method, metric, dropped)
+            if not x.shape[0]:  # Nothing to draw, but the legend still names the method.
+                lines.setdefault(method, Line2D([], [], color=colour, ls=":", label=label))
+                continue
+            mean, std = (scale * a for a in _mean_std(x))
+            (lines[method],) = ax.plot(steps, mean, color=colour, label=label)
             ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
         ax.set(xlabel="Task B steps", title=metric)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
     fig.suptitle(f"{results.get('experiment', '')}: mean ± std over {len(results['seeds'])} seeds")
-    fig.legend(list(lines.values()), list(lines), loc="outside right center", fontsize="small")
+    labels = [line.get_label() for line in lines.values()]
+    fig.legend(list(lines.values()), labels, loc="outside right center", fontsize="small")
     return fig
 
 
@@ -277,12 +312,15 @@ class ScalarWriter:
 
 
 def write_curves_to_tensorboard(results, logdir) -> None:
-    """Logs the seed-mean of every method/metric at each probe step, tagged `<method>/<metric>`."""
-    means = {
-        f"{method}/{metric}": _mean_std(_metric(results, method, metric))[0]
-        for method, values in results["methods"].items()
-        for metric in values
-    }
+    """Logs the seed-mean of every method/metric at each probe step, tagged `<method>/<metric>`,
+    over the runs that did not diverge (`l2r.divergence`); a method with none is not logged."""
+    dropped = divergence.dropped_rows(results)
+    means = {}
+    for method, values in results["methods"].items():
+        for metric in values:
+            x = _kept_metric(results, method, metric, dropped)
+            if x.shape[0]:
+                means[f"{method}/{metric}"] = _mean_std(x)[0]
     with ScalarWriter(logdir) as writer:
         for i, step in enumerate(results["steps"]):
             # Undefined points (the training loss before any step) are left out, not logged NaN.
@@ -326,7 +364,7 @@ class Progress:
         self._last_log = now
         elapsed = now - self._t0
         rate = (done - self._start) / elapsed if elapsed > 0 else float("nan")
-        eta = _format_duration((self.total - done) / rate) if rate > 0 else "?"
+        eta = _format_duration(max(self.total - done, 0) / rate) if rate > 0 else "?"
         # Slow loops (meta-training episodes) need significant digits, not one decimal.
         rate_str = f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
         line = (
@@ -341,23 +379,26 @@ class Progress:
         return line
 
 
-def write_report(results, workdir, prefix: str = "fig1") -> dict[str, str]:
-    """Writes every artefact of `results` into `workdir` and returns {artefact: path}.
-
-    Artefacts: `json` (results.json), `markdown` (results.md), `tensorboard` (tb/) and one
-    entry per PNG, keyed by its file stem (e.g. `fig1_task_A`).
-
-    `results` holds "experiment", "preset", "config" (plain dict), "steps" (probe steps [P]),
-    "seeds" [S], "methods" ({method: {metric: [S, P] array}}, display order) and "timing".
-    """
+def write_artefacts(results, workdir, prefix: str = "fig1") -> dict[str, str]:
+    """Writes every artefact of `results` but `results.json` into `workdir`; returns
+    {artefact: path}: `markdown` (results.md), `tensorboard` (tb/) and one entry per PNG, keyed
+    by its file stem (e.g. `fig1_task_A`)."""
     os.makedirs(workdir, exist_ok=True)
-    artefacts = {
-        "json": write_results_json(results, workdir),
-        "markdown": write_markdown(results, workdir),
-    }
+    artefacts = {"markdown": write_markdown(results, workdir)}
     for path in plot_curves(results, workdir, prefix=prefix):
         artefacts[os.path.splitext(os.path.basename(path))[0]] = path
     tb_dir = os.path.join(os.fspath(workdir), "tb")
     write_curves_to_tensorboard(results, tb_dir)
     artefacts["tensorboard"] = tb_dir
     return artefacts
+
+
+def write_report(results, workdir, prefix: str = "fig1") -> dict[str, str]:
+    """Writes every artefact of `results` into `workdir`, `results.json` (key `json`) last, and
+    returns {artefact: path} (see `write_artefacts`).
+
+    `results` holds "experiment", "preset", "config" (plain dict), "steps" (probe steps [P]),
+    "seeds" [S], "methods" ({method: {metric: [S, P] array}}, display order) and "timing".
+    """
+    artefacts = write_artefacts(results, workdir, prefix)
+    return {"json": write_results_json(results, workdir), **artefacts}

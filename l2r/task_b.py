@@ -13,9 +13,11 @@ they depend on (`history_key`), so an interrupted comparison resumes at its firs
 method and adding a method to a finished one costs only that method.
 """
 
+import contextlib
 import functools
 import os
 import time
+import zipfile
 from typing import NamedTuple
 
 import jax
@@ -330,30 +332,56 @@ def history_key(config, methods, start, data_digest: str) -> str:
     )
 
 
+_HISTORY_DIGEST = "_sha256"  # In the .npz: `checkpoint.digest` of the histories it holds.
+
+
 def load_history(path: str | None):
     """(history, train_s, probe_s) saved at `path` (.npz) by `save_history`, or None when
-    there is none (or `path` is None). Every process reads, and they share one decision."""
+    there is none (or `path` is None). Every process reads, and they share one decision.
+
+    A damaged file (unreadable, or histories other than those saved) is reported in one
+    warning, deleted and treated as absent: the method runs again."""
     if path is None:
         return None
-    found = np.asarray(os.path.exists(path))
+    loaded = _read_history(path) if os.path.exists(path) else None
+    found = np.asarray(loaded is not None)
     if jax.process_count() > 1:  # One decision for all processes: they run collectives.
         found = multihost_utils.broadcast_one_to_all(found)
     if not found:
         return None
-    with np.load(path) as f:
-        history = {k: f[k] for k in f.files if not k.startswith("_")}
-        train_s, probe_s = float(f["_train_s"]), float(f["_probe_s"])
+    history, train_s, probe_s = loaded
     logging.info("Reusing the Task-B histories in %s (trained for %.0f s then).", path, train_s)
+    return history, train_s, probe_s
+
+
+def _read_history(path: str):
+    try:
+        with np.load(path) as f:
+            history = {k: f[k] for k in f.files if not k.startswith("_")}
+            train_s, probe_s = float(f["_train_s"]), float(f["_probe_s"])
+            expected = str(f[_HISTORY_DIGEST])
+        if checkpoint.digest([history[k] for k in sorted(history)]) != expected:
+            raise ValueError("its histories differ from those saved (digest mismatch)")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        lines = str(e).strip().splitlines()
+        logging.warning("Damaged Task-B cache %s, recomputed: %s: %s.", path, type(e).__name__,
+                        lines[0][:200] if lines else "")  # fmt: skip
+        if distributed.is_main():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return None
     return history, train_s, probe_s
 
 
 def save_history(path: str | None, history, train_s: float, probe_s: float) -> None:
     """Saves a method's histories at `path` (process 0, through a temporary name, so a killed
-    run leaves no half file); `path` None: nothing."""
+    run leaves no half file), with their digest; `path` None: nothing."""
     if path is None or not distributed.is_main():
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    history = {k: np.asarray(v) for k, v in history.items()}
+    sha = checkpoint.digest([history[k] for k in sorted(history)])
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        np.savez(f, **history, _train_s=train_s, _probe_s=probe_s)
+        np.savez(f, **history, _train_s=train_s, _probe_s=probe_s, **{_HISTORY_DIGEST: sha})
     os.replace(tmp, path)

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 
 from l2r import distributed
 
@@ -35,6 +36,27 @@ def check_writable(workdir: str, overwrite: bool) -> None:
         )
 
 
+def check_usable(workdir: str) -> None:
+    """Raises WorkdirError (one line, with the fix) when `workdir` cannot hold a run: it is a
+    file, or it (or the folder it would be made in) cannot be written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(
+            f"--workdir {workdir} is a file, not a folder; choose another --workdir."
+        )
+    existing = workdir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError(f"--workdir {workdir} cannot be made: {existing} is a file; "
+                           "choose another --workdir.")  # fmt: skip
+    try:  # A real write: permissions, a read-only filesystem and root alike are answered.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"--workdir {workdir} is not writable ({existing}: {e.strerror}); "
+                           "choose another --workdir.") from None  # fmt: skip
+
+
 @contextlib.contextmanager
 def locked(workdir: str, overwrite: bool = False):
     """Creates `workdir` if needed, checks it, and holds its lock for the `with` body.
@@ -42,12 +64,21 @@ def locked(workdir: str, overwrite: bool = False):
     Processes other than 0 of a multi-process run only check: the lock is process 0's, and it
     stands for the whole run.
     """
+    check_usable(workdir)
     check_writable(workdir, overwrite)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # E.g. a read-only filesystem, which os.access does not see.
+        raise WorkdirError(f"--workdir {workdir} cannot be made ({e.strerror}); choose another "
+                           "--workdir.") from None  # fmt: skip
     if not distributed.is_main():
         yield workdir
         return
-    fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # A read-only filesystem or folder.
+        raise WorkdirError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "
+                           "--workdir.") from None  # fmt: skip
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,14 +98,31 @@ def locked(workdir: str, overwrite: bool = False):
         os.close(fd)  # Closing the descriptor releases the flock.
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON to `path` via a temporary file and a rename, so readers never see half.
+def write_atomic(path, data: bytes) -> str:
+    """Writes `data` to `path` through a temporary file in the same folder and a rename, so
+    readers (and a rerun after a kill) never see half a file. The file gets mode 0666 less the
+    umask (0644 under the usual 022), so teammates on a shared filesystem can read results.
 
-    Only process 0 writes (see the module docstring); the others return at once.
+    Only process 0 writes (see the module docstring); the others return the path at once.
     """
+    path = os.fspath(path)
     if not distributed.is_main():
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+        return path
+    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp_{os.getpid()}_{os.path.basename(path)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # Atomic on POSIX: source and target share a folder.
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: str, obj) -> str:
+    """Writes `obj` as JSON to `path` atomically (`write_atomic`)."""
+    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=False).encode())

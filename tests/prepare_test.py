@@ -22,6 +22,9 @@ def test_prepare_cli_tfds_without_tensorflow(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "tensorflow_available", lambda: False)
     assert prepare.main(["--tfds=cifar10", f"--data_dir={tmp_path}"]) == 1
     assert "l2r[tfds]" in capsys.readouterr().err
+    # A name TFDS does not know is found once it could be prepared (TFDS itself knows names).
+    monkeypatch.setattr(prepare, "tensorflow_available", lambda: True)
+    monkeypatch.setattr(prepare, "_host_reachable", lambda host: True)
     with pytest.raises(DataError, match="check the name"):
         sources.load("tfds", name="no_such_dataset_l2r", data_dir=str(tmp_path))
 

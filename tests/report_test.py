@@ -4,6 +4,7 @@ import glob
 import json
 import logging
 import os
+import stat
 import struct
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from l2r import report
+from l2r import workdir as workdir_lib
 
 METHODS = ("sgd", "sgd_x0.1", "teacher")
 STEPS = [0, 50, 100, 150, 200, 250]
@@ -77,8 +79,49 @@ def test_write_report_writes_every_artefact(report_dir):
     for path in artefacts.values():
         assert os.path.exists(path)
         assert os.path.dirname(path) == str(workdir)
-    # The atomic writes leave nothing but the artefacts behind.
-    assert sorted(os.listdir(workdir)) == sorted(os.path.basename(p) for p in artefacts.values())
+    # The atomic writes leave nothing but the artefacts (and config.json) behind.
+    written = sorted(["config.json", *(os.path.basename(p) for p in artefacts.values())])
+    assert sorted(os.listdir(workdir)) == written
+
+
+def test_results_json_is_written_last_and_readable_by_others(tmp_path, monkeypatch):
+    """A run killed while writing its artefacts has no results.json (so a plain rerun finishes
+    it), config.json comes with the results, and teammates can read every file."""
+    order, write = [], workdir_lib.write_atomic
+    monkeypatch.setattr(
+        workdir_lib,
+        "write_atomic",
+        lambda path, data: order.append(os.path.basename(path)) or write(path, data),
+    )
+    old_umask = os.umask(0o022)
+    try:
+        report.write_report(_fake_results(), tmp_path, prefix="fig1")
+    finally:
+        os.umask(old_umask)
+    assert order[-2:] == ["config.json", "results.json"], order
+    assert {"results.md", "fig1_task_A.png"} <= set(order[:-2])
+    for name in order:
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+
+
+def test_replaced_results_never_outlive_their_config(tmp_path, monkeypatch):
+    """--overwrite: the old results go before the new config.json is written, so a crash in
+    between leaves an unfinished workdir, never a config.json that results.json does not hold."""
+    old = _fake_results()
+    report.write_results_json(old, tmp_path)
+    new = {**old, "config": {"lr": 0.5}}
+    write = workdir_lib.write_atomic
+
+    def crash_on_results(path, data):
+        if path.endswith("results.json"):
+            raise KeyboardInterrupt  # A kill between config.json and results.json.
+        return write(path, data)
+
+    monkeypatch.setattr(workdir_lib, "write_atomic", crash_on_results)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_results_json(new, tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 0.5}
 
 
 def test_results_json_round_trips(report_dir):

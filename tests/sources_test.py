@@ -6,6 +6,8 @@ No network and no shared data: every test builds what it reads in tmp_path.
 import gzip
 import os
 import struct
+import subprocess
+import sys
 import time
 
 import chex
@@ -272,11 +274,34 @@ def test_tfds_offline_fails_fast_with_the_fixes(tmp_path, monkeypatch):
         sources.load("tfds", name="cifar10", data_dir=str(tmp_path), download=False)
 
 
+def test_tfds_missing_fails_before_importing_tfds(tmp_path):
+    """The offline error comes as fast as any config error: TFDS (seconds to import) is not
+    loaded to find that a dataset is neither prepared nor downloadable."""
+    code = (
+        "import sys\n"
+        "from l2r.data import sources\n"
+        "from l2r.data.decode import DataError\n"
+        "try:\n"
+        f"    sources.load('tfds', name='cifar10', data_dir={str(tmp_path)!r}, download=False)\n"
+        "except DataError as e:\n"
+        "    print('DataError', e)\n"
+        "print('tfds imported:', 'tensorflow_datasets' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "DataError TFDS dataset 'cifar10' is not prepared" in out.stdout, out.stdout
+    assert "tfds imported: False" in out.stdout
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+    (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+    assert prepare.tfds_maybe_prepared("cifar10/plain:3.0.2", str(tmp_path))
+    assert not prepare.tfds_maybe_prepared("cifar100", str(tmp_path))
+
+
 def test_tfds_pipeline_on_mock_data(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     # mock_data fakes tfds.data_source but not builder.is_prepared(), hence the patch.
     monkeypatch.setattr(sources, "_tfds_is_prepared", lambda builder: True)
+    monkeypatch.setattr(prepare, "tfds_maybe_prepared", lambda name, data_dir: True)
     with tfds.testing.mock_data(num_examples=7):
         d = sources.load("tfds", name="cifar10", data_dir=str(tmp_path))
         small = sources.load("tfds", name="cifar10", data_dir=str(tmp_path), image_size=16)

@@ -166,6 +166,7 @@ def _load_tfds(
 ) -> Dataset:
     if not name:
         raise DataError("source='tfds' needs name=..., e.g. name='cifar10' (--config.data.name).")
+    prepare.check_tfds_obtainable(name, data_dir, download)  # Fails fast, before TFDS loads.
     import tensorflow_datasets as tfds
 
     try:
@@ -176,11 +177,7 @@ def _load_tfds(
             f"TFDS does not know dataset {name!r} ({first_line}); check the name."
         ) from e
     if not _tfds_is_prepared(builder):
-        if not download:
-            raise DataError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and download=False."
-                f" Prepare it with `python -m l2r.data.prepare --tfds={name}` or allow download."
-            )
+        prepare.check_tfds_obtainable(name, data_dir, download, missing=True)
         prepare_tfds(name, data_dir)
         # Preparing can fill in the builder's info (CIFAR's label names come from the download).
         builder = tfds.builder(name, data_dir=data_dir)

@@ -169,6 +169,32 @@ def run_key(config, run: MetaRun) -> str:
     )
 
 
+def _restore_latest(manager: ocp.CheckpointManager, like: MetaState, ckpt_dir: str):
+    """(state, history) of the newest intact checkpoint in `manager`, or None when there is
+    none. A damaged one (unreadable, or its state's digest differs from the one saved with it)
+    is reported in one warning, deleted, and the one before it tried."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            checkpoint.verify_manifest(os.path.join(ckpt_dir, str(step)))
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(like),
+                    history=ocp.args.JsonRestore(),
+                    digest=ocp.args.JsonRestore(),
+                ),
+            )
+            if checkpoint.digest(restored.state) != restored.digest["state"]:
+                raise ValueError("its state differs from the one saved (digest mismatch)")
+            return restored.state, restored.history
+        except Exception as e:  # Orbax and TensorStore raise many types, some bare Exception.
+            lines = str(e).strip().splitlines()
+            logging.warning("Damaged meta-training checkpoint %s/%d, deleted: %s: %s.", ckpt_dir,
+                            step, type(e).__name__, lines[0][:200] if lines else "")  # fmt: skip
+            manager.delete(step)
+    return None
+
+
 def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, episodes=None,
                class_table=None, run: MetaRun | None = None):  # fmt: skip
     """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
@@ -200,17 +226,11 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
         history = {k: [] for k in (*HISTORY, *extra)}
-        latest = manager.latest_step()
-        if latest is None:
+        restored = _restore_latest(manager, state, ckpt_dir)
+        if restored is None:
             logging.info("Meta-training run %s starts in %s.", key, ckpt_dir)
         else:
-            restored = manager.restore(
-                latest,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(state), history=ocp.args.JsonRestore()
-                ),
-            )
-            state, history = restored.state, restored.history
+            state, history = restored
             logging.info("Meta-training run %s resumes from %s at window %d (%d episodes done).",
                          key, ckpt_dir, int(state.window), int(state.episodes_done))  # fmt: skip
         progress = report.Progress(cfg.episodes, "meta-train", unit="episodes",
@@ -221,9 +241,13 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
             manager.save(
                 int(state.window),
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+                    state=ocp.args.StandardSave(state),
+                    history=ocp.args.JsonSave(history),
+                    digest=ocp.args.JsonSave({"state": checkpoint.digest(state)}),
                 ),
             )
+            manager.wait_until_finished()
+            checkpoint.write_manifest(os.path.join(ckpt_dir, str(int(state.window))))
 
         while not finished(cfg, int(state.window), int(state.episodes_done), history["seconds"]):
             t0 = time.monotonic()

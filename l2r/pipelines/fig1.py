@@ -8,14 +8,12 @@ Stages (each a pure function of the config and its inputs, each cached):
   4. artefacts in the workdir (`l2r.report`).
 """
 
-import os
 import time
 
 import ml_collections
 from absl import logging
 
-from l2r import compare, config_checks, pretrain, report, task_b, training
-from l2r import workdir as workdir_lib
+from l2r import compare, config_checks, divergence, pretrain, report, task_b, training
 from l2r.data import plan
 from l2r.methods import registry
 from l2r.models import registry as model_registry
@@ -32,8 +30,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_config(config)
     task_a, task_b_, mean, std = plan.build_tasks(config)
     config_checks.check_task_sizes(config, task_a, task_b_)
-    # Everything is validated: from here on the workdir is written to.
-    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     model = model_registry.from_config(config.model)
     t0 = time.time()
     data_a = training.to_device(task_a, mean, std)
@@ -49,6 +45,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         **compared,
         "pretrain_test_accuracy": pre_acc,
     }
+    divergence.mark_divergence(results)  # Warns, and keeps diverged runs out of the means.
     results["timing"].update(pretrain_s=pretrain_s, starts_s=start_s, total_s=time.time() - t0)
     paths = report.write_report(results, workdir, prefix="fig1")
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))

@@ -25,8 +25,17 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from l2r import cl_metrics, compare, config_checks, distributed, pretrain, report, task_b, training
-from l2r import workdir as workdir_lib
+from l2r import (
+    cl_metrics,
+    compare,
+    config_checks,
+    distributed,
+    divergence,
+    pretrain,
+    report,
+    task_b,
+    training,
+)
 from l2r.config_checks import require
 from l2r.data import plan, tasks
 from l2r.meta import figures, loop, three_tasks
@@ -114,7 +123,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     seq = plan.sequence_plan(config)
     check_sizes(config, seq)
     mean, std = tasks.normalization_stats(plan.load_dataset(config.data).train)
-    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     model = model_registry.from_config(config.model)
     t0 = time.time()
     data_1 = training.to_device(seq.task_1, mean, std)
@@ -158,10 +166,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "meta": {k: list(v) for k, v in history.items()},
         "meta_test_tasks": [[list(t.class_names) for t in pair] for pair in seq.meta_test],
     }
+    divergence.mark_divergence(results)  # Warns, and keeps diverged runs out of the means.
     results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, starts_s=start_s,
                              total_s=time.time() - t0)  # fmt: skip
-    paths = {"json": report.write_results_json(results, workdir),
-             "markdown": write_markdown(results, workdir),
+    paths = {"markdown": write_markdown(results, workdir),
              "exp5_tasks": plot_tasks(results, workdir, prefix=config.experiment)}  # fmt: skip
     report.write_curves_to_tensorboard(results, os.path.join(workdir, "tb"))
     if rule is not None:
@@ -170,6 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                          [task_2.num_classes, task_3.num_classes], test_nets,
                                          mean, std, workdir, config.task_b.steps_2):  # fmt: skip
             paths[os.path.splitext(os.path.basename(path))[0]] = path
+    paths["json"] = report.write_results_json(results, workdir)  # Last: the run is finished.
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
     logging.info("Wrote %s", ", ".join(paths.values()))
     return results

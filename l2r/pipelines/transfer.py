@@ -20,8 +20,7 @@ import time
 import ml_collections
 from absl import logging
 
-from l2r import compare, config_checks, distributed, pretrain, report, task_b, training
-from l2r import workdir as workdir_lib
+from l2r import compare, config_checks, distributed, divergence, pretrain, report, task_b, training
 from l2r.config_checks import require
 from l2r.data import plan
 from l2r.meta import figures, loop
@@ -56,7 +55,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_meta = len(meta_plan.meta_train.train.labels)
     config_checks.check_batch("task_b.batch_size", config.task_b.batch_size, n_meta,
                               "the meta-training data")  # fmt: skip
-    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     model = model_registry.from_config(config.model)
     t0 = time.time()
     data_a = training.to_device(task_a, mean, std)
@@ -91,17 +89,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "pretrain_test_accuracy": pre_acc,
         "meta": {k: list(v) for k, v in history.items()},
     }
+    divergence.mark_divergence(results)  # Warns, and keeps diverged runs out of the means.
     results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, starts_s=start_s,
                              total_s=time.time() - t0)  # fmt: skip
     if "pools" in config:
         results["meta_test_tasks"] = [list(t.class_names) for t in meta_plan.meta_test]
-    paths = report.write_report(results, workdir, prefix=config.experiment)
+    paths = report.write_artefacts(results, workdir, prefix=config.experiment)
     if rule is not None:
         task = meta_plan.meta_test[0]
         for path in figures.meta_figures(config, model, rule, history, task, task.num_classes,
                                          test_nets, mean, std, workdir,
                                          config.task_b.steps):  # fmt: skip
             paths[os.path.splitext(os.path.basename(path))[0]] = path
+    paths["json"] = report.write_results_json(results, workdir)  # Last: the run is finished.
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
     logging.info("Wrote %s", ", ".join(paths.values()))
     return results
