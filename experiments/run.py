@@ -14,6 +14,7 @@ all of them write the (collective) Orbax checkpoints. `--num_cpu_devices=N` runs
 CPU devices, to test sharded code on one machine.
 """
 
+import contextlib
 import importlib
 import logging as std_logging
 import os
@@ -53,15 +54,15 @@ def quiet_libraries(record) -> bool:
 def start_runtime() -> None:
     """Sets up JAX's devices and processes from the flags and the launch environment.
 
-    Both steps configure the JAX backend, so this runs before anything that starts one.
+    Both steps configure the JAX backend, so this runs before anything that starts one. A
+    launch environment set wrongly is a ConfigError (see l2r/distributed.py).
     """
     if FLAGS.num_cpu_devices:
         distributed.simulated_cpu_devices(FLAGS.num_cpu_devices)
     try:
         distributed.initialize()
-    except ValueError as e:  # A launch environment set wrongly (see l2r/distributed.py).
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not distributed.is_main():  # One copy of the progress lines; warnings still show.
         logging.set_verbosity(logging.WARNING)
     logging.info("JAX runtime: %s", distributed.describe())
@@ -141,25 +142,46 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+@contextlib.contextmanager
+def held_logs():
+    """Holds back the absl log lines of the `with` body and shows them only if it ends well:
+    a run refused for bad input prints its one error line and nothing else."""
+    held, handler = [], logging.get_absl_handler()
+
+    def hold(record) -> bool:
+        held.append(record)
+        return False
+
+    handler.addFilter(hold)
+    try:
+        yield
+    finally:
+        handler.removeFilter(hold)
+    for record in held:  # Reached only without an exception.
+        handler.handle(record)
+
+
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(quiet_libraries)
-    start_runtime()  # First: the config checks below count devices.
     config, workdir = FLAGS.config, FLAGS.workdir
     try:
-        if not workdir.strip():
-            raise workdir_lib.WorkdirError("--workdir is empty; name a folder for the results.")
-        workdir = os.path.abspath(workdir)
-        if config.experiment not in PIPELINES:
-            raise ConfigError(f"config.experiment={config.experiment!r} has no pipeline; "
-                              f"choose one of {', '.join(PIPELINES)}.")  # fmt: skip
-        pipeline = importlib.import_module(PIPELINES[config.experiment])
-        pipeline.check_config(config)  # Cheap checks before the workdir is touched.
-        workdir_lib.check_usable(workdir)
+        with held_logs():  # Every check of the flags, config, data and workdir: no work yet.
+            start_runtime()  # First: the config checks below count devices.
+            if not workdir.strip():
+                raise workdir_lib.WorkdirError("--workdir is empty; name a folder for the results.")
+            workdir = os.path.abspath(workdir)
+            if config.experiment not in PIPELINES:
+                raise ConfigError(f"config.experiment={config.experiment!r} has no pipeline; "
+                                  f"choose one of {', '.join(PIPELINES)}.")  # fmt: skip
+            pipeline = importlib.import_module(PIPELINES[config.experiment])
+            pipeline.check_config(config)  # Cheap checks first: they need no data.
+            workdir_lib.check_usable(workdir)
+            workdir_lib.check_writable(workdir, FLAGS.overwrite)
+            data = pipeline.load(config)
         with workdir_lib.locked(workdir, FLAGS.overwrite):
-            pipeline.run(config, workdir)
+            pipeline.run(config, workdir, data)
     except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -25,11 +25,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config_checks.check_steps(config)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the Fig.-1 experiment of `config` and writes its artefacts into `workdir`."""
+def load(config: ml_collections.ConfigDict):
+    """Task A, Task B, mean, std of `config`, checked against it (DataError, ConfigError)."""
     check_config(config)
     task_a, task_b_, mean, std = plan.build_tasks(config)
     config_checks.check_task_sizes(config, task_a, task_b_)
+    return task_a, task_b_, mean, std
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
+    """Runs the Fig.-1 experiment of `config` and writes its artefacts into `workdir`.
+    `data`: what `load(config)` returned (None: loaded here)."""
+    task_a, task_b_, mean, std = load(config) if data is None else data
     model = model_registry.from_config(config.model)
     t0 = time.time()
     data_a = training.to_device(task_a, mean, std)

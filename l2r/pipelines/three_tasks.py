@@ -117,12 +117,20 @@ def plot_tasks(results, workdir, prefix="exp5") -> str:
     return report.save_figure(fig, os.path.join(workdir, f"{prefix}_tasks.png"))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs Exp. 5 of `config` and writes its artefacts into `workdir`."""
+def load(config: ml_collections.ConfigDict):
+    """The three-task plan of `config` and the data's mean and std, checked against it
+    (DataError, ConfigError)."""
     check_config(config)
     seq = plan.sequence_plan(config)
     check_sizes(config, seq)
     mean, std = tasks.normalization_stats(plan.load_dataset(config.data).train)
+    return seq, mean, std
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
+    """Runs Exp. 5 of `config` and writes its artefacts into `workdir`.
+    `data`: what `load(config)` returned (None: loaded here)."""
+    seq, mean, std = load(config) if data is None else data
     model = model_registry.from_config(config.model)
     t0 = time.time()
     data_1 = training.to_device(seq.task_1, mean, std)

@@ -45,8 +45,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     f"pools.n_way={p.n_way}.")  # fmt: skip
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs Exp. 1-4 of `config` and writes its artefacts into `workdir`."""
+def load(config: ml_collections.ConfigDict):
+    """Task A, the meta-training / meta-test plan, mean and std of `config`, checked against
+    it (DataError, ConfigError)."""
     check_config(config)
     task_a, task_b_, mean, std = plan.build_tasks(config)
     meta_plan = plan.transfer_plan(config, task_a, task_b_)
@@ -55,6 +56,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n_meta = len(meta_plan.meta_train.train.labels)
     config_checks.check_batch("task_b.batch_size", config.task_b.batch_size, n_meta,
                               "the meta-training data")  # fmt: skip
+    return task_a, meta_plan, mean, std
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
+    """Runs Exp. 1-4 of `config` and writes its artefacts into `workdir`.
+    `data`: what `load(config)` returned (None: loaded here)."""
+    task_a, meta_plan, mean, std = load(config) if data is None else data
     model = model_registry.from_config(config.model)
     t0 = time.time()
     data_a = training.to_device(task_a, mean, std)
