@@ -103,11 +103,17 @@ def plot_tasks(results, workdir, prefix="exp5") -> str:
     steps = np.asarray(results["steps"])
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3, sharex=True)
+    dropped = divergence.dropped_rows(results)  # Diverged runs are left out of the means.
     for k, (ax, metric) in enumerate(zip(axes, READOUT, strict=True), 1):
         for i, (name, hist) in enumerate(results["methods"].items()):
-            acc = 100 * np.asarray(hist[metric], np.float64)
+            n_runs, drop = divergence.num_runs(results, name), dropped.get(name, [])
+            label = divergence.figure_label(name, len(drop), n_runs)
+            acc = 100 * divergence.kept(np.asarray(hist[metric], np.float64), drop)
+            if not len(acc):  # Every run diverged: a legend entry, no line.
+                ax.plot([], [], color=f"C{i}", ls=":", label=label)
+                continue
             mean, std = acc.mean(0), acc.std(0, ddof=1 if len(acc) > 1 else 0)
-            ax.plot(steps, mean, color=f"C{i}", label=name)
+            ax.plot(steps, mean, color=f"C{i}", label=label)
             ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, lw=0)
         ax.axvline(results["switch_step"], color="k", lw=0.5, ls=":")
         ax.set(title=f"Task {k} readout", xlabel="steps (Task 2, then Task 3)")
