@@ -344,13 +344,11 @@ def _write_tables(workdir: str, config, keys: list[str], rows: list[dict], total
         os.path.join(workdir, SWEEP_FILE),
         report.to_jsonable({"keys": keys, "settings_done": done, "settings": total, "rows": rows}),
     )
-    tmp = os.path.join(workdir, f".{TABLE_FILE}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(markdown(rows, keys, note))
-    os.replace(tmp, os.path.join(workdir, TABLE_FILE))
+    workdir_lib.write_atomic(os.path.join(workdir, TABLE_FILE), markdown(rows, keys, note).encode())
 
 
-def run_sweep(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: bool = False):
+def run_sweep(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: bool = False,
+              planned=None):  # fmt: skip
     """Runs every setting of `sweeps` on `config` and writes the sweep's tables.
 
     Args:
@@ -359,12 +357,14 @@ def run_sweep(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: b
         `sweep.md` and `sweep.json`.
       sweeps: [(field, values)] from `parse_sweeps`.
       overwrite: rerun settings that already finished (otherwise their results are reused).
+      planned: what `plan(config, sweeps, workdir)` returned (None: planned here).
 
     Returns:
       The table rows (`summary_rows`), in setting order.
     """
     workdir = os.path.abspath(workdir)
-    planned = plan(config, sweeps, workdir)  # Everything is checked before anything runs.
+    if planned is None:  # Everything is checked before anything runs.
+        planned = plan(config, sweeps, workdir)
     keys = [k for k, _ in sweeps]
     rows = []
     with workdir_lib.locked(workdir, overwrite):
@@ -391,18 +391,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(run_lib.quiet_libraries)
-    run_lib.start_runtime()
     from l2r.config_checks import ConfigError
     from l2r.data.sources import DataError
 
     try:
-        sweeps = parse_sweeps(FLAGS.config, FLAGS.sweep)
-        run_sweep(FLAGS.config, FLAGS.workdir, sweeps, FLAGS.overwrite)
+        with run_lib.held_logs():  # A refused sweep prints its one error line, nothing else.
+            run_lib.start_runtime()
+            sweeps = parse_sweeps(FLAGS.config, FLAGS.sweep)
+            planned = plan(FLAGS.config, sweeps, os.path.abspath(FLAGS.workdir))
+        run_sweep(FLAGS.config, FLAGS.workdir, sweeps, FLAGS.overwrite, planned)
     except (SweepError, ConfigError, DataError, workdir_lib.WorkdirError) as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=run_lib.parse_flags)
