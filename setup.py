@@ -1,6 +1,13 @@
 """l2r: measuring representational forgetting and learning update rules that avoid it."""
 
+import sys
+
 import setuptools
+
+# Said before pip resolves the dependencies (which would end in a ResolutionImpossible on jaxlib).
+if sys.version_info < (3, 11):
+    sys.exit(f"l2r requires Python >= 3.11 (jax >= 0.10 and numpy 2.4 do); this is Python "
+             f"{sys.version.split()[0]}. Install with python3.11 or newer.")  # fmt: skip
 
 setuptools.setup(
     name="l2r",
@@ -10,8 +17,17 @@ setuptools.setup(
         "learned weight-update rules in JAX/Flax."
     ),
     license="Apache-2.0",
-    packages=setuptools.find_packages(include=["l2r", "l2r.*", "experiments", "experiments.*"]),
-    python_requires=">=3.10",
+    # Only `l2r` is installed (its configs and command lines included); `experiments/` is the
+    # checkout's `python -m experiments.run` and benchmarks.
+    packages=setuptools.find_packages(include=["l2r", "l2r.*"]),
+    # jax >= 0.10 and numpy 2.4 need Python 3.11.
+    python_requires=">=3.11",
+    entry_points={
+        "console_scripts": [
+            "l2r-run = l2r.cli.run:main",
+            "l2r-sweep = l2r.cli.sweep:main",
+        ]
+    },
     install_requires=[
         "jax>=0.10.2",
         "jaxlib>=0.10.2",

@@ -19,8 +19,8 @@ sys.path.insert(0, ROOT)
 
 from absl import app  # noqa: E402
 
-from experiments import run  # noqa: E402
 from l2r import training  # noqa: E402
+from l2r.cli import run  # noqa: E402
 
 STACKS = {}
 

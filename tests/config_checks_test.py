@@ -13,7 +13,7 @@ EXPERIMENTS = ("fig1", "exp1", "exp2", "exp3", "exp4", "exp5")
 
 
 def config_of(experiment, preset="smoke", **overrides):
-    config = importlib.import_module(f"experiments.configs.{experiment}").get_config(preset)
+    config = importlib.import_module(f"l2r.configs.{experiment}").get_config(preset)
     for dotted, value in overrides.items():
         node = config
         *path, leaf = dotted.split(".")
@@ -29,7 +29,7 @@ def check(config):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_preset_passes(experiment):
-    module = importlib.import_module(f"experiments.configs.{experiment}")
+    module = importlib.import_module(f"l2r.configs.{experiment}")
     for preset in module.PRESETS:
         check(module.get_config(preset))
 

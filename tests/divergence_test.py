@@ -12,8 +12,8 @@ import pytest
 from report_test import _read_events
 from smoke_setup import make_model
 
-from experiments import sweep
-from experiments.configs import fig1
+from l2r.cli import sweep
+from l2r.configs import fig1
 from l2r import cl_metrics, compare, divergence, pretrain, report
 from l2r.data import tasks
 from l2r.data.sources import Split

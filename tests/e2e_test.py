@@ -12,9 +12,9 @@ import golden_numbers
 import numpy as np
 import pytest
 
-from experiments.configs import exp1, exp2, exp3, exp4, exp5, fig1
 from l2r import cl_metrics
 from l2r import workdir as workdir_lib
+from l2r.configs import exp1, exp2, exp3, exp4, exp5, fig1
 from l2r.pipelines import PIPELINES
 
 FIG1_ALL = ("sgd", "sgd_x0.1", "lwf", "ewc", "hat", "teacher")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from experiments.configs import fig1
 from l2r import compare, models, task_b, training
+from l2r.configs import fig1
 from l2r.data import sources, tasks
 from l2r.methods import hat
 from l2r.methods.base import Batch

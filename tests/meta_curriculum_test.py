@@ -1,6 +1,6 @@
 """The curriculum of threshold and T-BPTT length, and the budget that ends a run."""
 
-from experiments.configs import common
+from l2r.configs import common
 from l2r.meta.curriculum import curriculum, finished
 
 

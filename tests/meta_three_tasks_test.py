@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from smoke_setup import make_model
 
-from experiments.configs import exp5
 from l2r import pretrain, training
+from l2r.configs import exp5
 from l2r.data import plan
 from l2r.meta import loop, three_tasks
 from l2r.methods import Batch, make_teacher

@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import exp5, fig1
 from l2r import config_checks, metalearner, models
+from l2r.configs import exp5, fig1
 from l2r.methods import Method, registry
 from l2r.methods.learned import Rule
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from experiments.configs import common
 from l2r import models
+from l2r.configs import common
 from l2r.models import registry
 
 

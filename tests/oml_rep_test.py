@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import fig1
 from l2r import models, pretrain, rng, training
+from l2r.configs import fig1
 from l2r.methods import oml, rep
 
 SIZE = 8  # Image side of the synthetic data.

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.configs import fig1
 from l2r import metalearner, models, task_b
 from l2r import workdir as workdir_lib
 from l2r.config_checks import ConfigError
+from l2r.configs import fig1
 from l2r.data.sources import DataError
 from l2r.methods import make_method, make_sgd
 from l2r.methods.learned import make_learned

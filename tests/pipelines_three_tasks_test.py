@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from experiments.configs import exp5
 from l2r import rng, task_b
 from l2r.config_checks import ConfigError
+from l2r.configs import exp5
 from l2r.data import plan as plan_lib
 from l2r.methods import registry
 from l2r.pipelines import three_tasks

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from experiments.configs import exp2, exp3, exp4
 from l2r import workdir as workdir_lib
 from l2r.config_checks import ConfigError
+from l2r.configs import exp2, exp3, exp4
 from l2r.data import plan as plan_lib
 from l2r.data.sources import DataError
 from l2r.pipelines import transfer

@@ -5,8 +5,8 @@ import chex
 import numpy as np
 import pytest
 
-from experiments.configs import fig1
 from l2r import pretrain, training
+from l2r.configs import fig1
 from l2r.data import plan
 from l2r.models import registry as model_registry
 

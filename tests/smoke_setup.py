@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.configs import exp1
 from l2r import models, pretrain, training
+from l2r.configs import exp1
 from l2r.data import plan
 
 

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import sweep
-from experiments.configs import fig1
+from l2r.cli import sweep
+from l2r.configs import fig1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

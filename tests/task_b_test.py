@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import fig1
 from l2r import keys, models, task_b, training
+from l2r.configs import fig1
 from l2r.data import sources, tasks
 from l2r.methods import Batch, make_method, registry
 from l2r.models import registry as model_registry

@@ -16,8 +16,8 @@ IMAGE_SHAPES = {"cpu": (28, 28, 1), "smoke": (16, 16, 1)}  # exp1's data: Fashio
 def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
     """(config, model, `MetaRun`) of exp1:<preset>'s model on random uint8 data (rates do not
     depend on it)."""
-    from experiments.configs import exp1
     from l2r import models, pretrain, training
+    from l2r.configs import exp1
     from l2r.meta import episodes, loop
 
     config = exp1.get_config(preset)

@@ -168,8 +168,8 @@ def bench_probe(repeats):
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from experiments.configs import fig1
     from l2r import compare
+    from l2r.configs import fig1
 
     config = fig1.get_config("cpu")
     probes = config.task_b.steps // config.task_b.probe_every

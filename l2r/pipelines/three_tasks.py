@@ -196,3 +196,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
     logging.info("Wrote %s", ", ".join(paths.values()))
     return results
+
+
+def first_task(data):
+    """(the task pre-training learns, mean, std) of what `load` returned."""
+    return data[0].task_1, data[1], data[2]

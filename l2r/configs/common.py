@@ -1,7 +1,7 @@
 """Shared config pieces: data sources, models, pre-training, readout and preset parsing.
 
 Every experiment config is a Python file with `get_config(arg)`; `arg` is the preset name given
-after a colon on the command line (`--config=experiments/configs/fig1.py:cpu`). Each function
+after a colon on the command line (`--config=fig1:cpu`). Each function
 below returns one group of fields with a short comment per field; presets only override values.
 """
 
@@ -26,7 +26,7 @@ def parse_preset(arg, presets, default):
     if preset not in presets:
         raise ValueError(
             f"Unknown preset {preset!r}; choose one of {', '.join(presets)} "
-            f"(e.g. --config=experiments/configs/<name>.py:{presets[0]})."
+            f"(e.g. --config=<experiment>:{presets[0]})."
         )
     return preset
 

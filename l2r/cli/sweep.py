@@ -1,0 +1,414 @@
+r"""Sweeps config fields: every combination of the given values, one run each, one table.
+
+  l2r-sweep --config=fig1:smoke --workdir=/tmp/sweep \
+      --sweep=task_b.ewc.coef=0.1,1,10 --sweep=task_b.lwf.coef=0.5,1 \
+      --config.task_b.methods="('ewc','lwf')"
+
+Each `--sweep=<field>=<v1>,<v2>,...` names an existing config field and its values (parsed to
+the field's type; tuples in parentheses, e.g. `--sweep=model.widths=(8,16),(16,32)`). The
+cartesian product of all of them runs setting by setting, each in `<workdir>/<NNN>_<setting>/`
+with the experiment's usual artefacts. Task-A pre-training is shared through
+`<workdir>/pretrain` (unless `pretrain.dir` is set), so settings that do not change it reuse one
+set of checkpoints; finished Task-B runs are shared through `<workdir>/task_b` (unless
+`task_b.cache_dir` is set), so a method whose own settings did not change (`sgd` in a sweep of
+`task_b.ewc.coef`) runs once. After every setting, `<workdir>/sweep.md` and `sweep.json` are
+rewritten: one row per setting × method with readout accuracy on A before and after Task B,
+the forgetting of A and the final readout on B (mean ± std over seeds). Runs that diverged
+(`l2r.divergence`) are left out of those numbers and counted in the method cell; a setting
+whose every run of a method diverged reads "diverged" and holds no numbers for it.
+
+Every key, value and resulting config is checked before anything runs. A sweep that is
+interrupted resumes where it stopped: settings whose run finished (their `results.json` exists,
+for the same config) are not run again. `--overwrite` reruns them all.
+"""
+
+import copy
+import difflib
+import importlib
+import itertools
+import json
+import os
+import re
+import sys
+
+import ml_collections
+from absl import app, flags, logging
+
+from l2r import cl_metrics, distributed, divergence, report
+from l2r import workdir as workdir_lib
+from l2r.cli import run as run_lib  # Shares --config, --workdir, --overwrite and PIPELINES.
+
+flags.DEFINE_multi_string(
+    "sweep",
+    [],
+    "A field and its values, <field>=<v1>,<v2>,... (repeatable; the cartesian product runs).",
+)
+FLAGS = flags.FLAGS
+
+SWEEP_FILE, TABLE_FILE = "sweep.json", "sweep.md"
+EXAMPLE = "--sweep=task_b.learning_rate=0.05,0.1"
+
+
+class SweepError(ValueError):
+    """A --sweep flag or a swept setting is invalid; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Splits at commas outside parentheses / brackets: "(1,2),(3,4)" -> ["(1,2)", "(3,4)"]."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+_SCALARS = (bool, int, float, str)
+_EXAMPLES = {bool: "true,false", int: "1,2", float: "0.1,1", str: "a,b", tuple: "(a,b),(c,)"}
+
+
+def _scalar(text: str, kind: type):
+    """`text` as a `kind` scalar; ValueError when it is not one."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    return kind(text)  # int("1.5") and float("x") raise ValueError.
+
+
+def parse_value(key: str, text: str, current):
+    """`text` parsed to the type of the field's `current` value.
+
+    Scalars (bool, int, float, str) parse as themselves; tuple fields take "(a,b)" and their
+    items parse to the type of the current first item.
+
+    Raises:
+      SweepError: naming the field, its type and a valid example.
+    """
+    kind = type(current)
+    if not isinstance(current, (tuple, list)) and kind not in _SCALARS:
+        raise SweepError(
+            f"--sweep: field {key} holds a {kind.__name__} ({current!r}), which a sweep cannot "
+            "set; sweep bool, int, float, str or tuple fields."
+        )
+    try:
+        if kind in _SCALARS:
+            return _scalar(text, kind)
+        inner = text.strip()
+        if inner[:1] in "([" and inner[-1:] in ")]":
+            inner = inner[1:-1]
+        item_kind = type(current[0]) if current and type(current[0]) in _SCALARS else str
+        return kind(_scalar(item, item_kind) for item in _split_top_level(inner) if item)
+    except ValueError:
+        example = _EXAMPLES.get(kind, _EXAMPLES[tuple])
+        raise SweepError(
+            f"--sweep: {text!r} is not a valid value for {key} (type {kind.__name__}, now "
+            f"{current!r}); give {kind.__name__} values, e.g. --sweep={key}={example}."
+        ) from None
+
+
+def _field(config: ml_collections.ConfigDict, key: str):
+    """The current value of dotted field `key`, or a SweepError naming what is wrong."""
+    node, path = config, []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise SweepError(
+                f"--sweep: {'.'.join(path)} is a value, not a group, so {key} does not exist."
+            )
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            where = f"group {'.'.join(path)}" if path else "the config"
+            hint = f" Did you mean {'.'.join([*path, close[0]])}?" if close else ""
+            raise SweepError(
+                f"--sweep: no field {key!r}: {where} has no {part!r}; its fields are "
+                f"{', '.join(sorted(node.keys()))}.{hint}"
+            )
+        node = node[part]
+        path.append(part)
+    if isinstance(node, ml_collections.ConfigDict):
+        raise SweepError(
+            f"--sweep: {key} is a group of fields, not a field; sweep one of "
+            f"{', '.join(f'{key}.{k}' for k in sorted(node.keys()))}."
+        )
+    return node
+
+
+def parse_sweeps(config: ml_collections.ConfigDict, specs) -> list[tuple[str, list]]:
+    """Parses `--sweep` flags against `config`.
+
+    Args:
+      config: the base experiment config.
+      specs: strings "<field>=<v1>,<v2>,...".
+
+    Returns:
+      [(field, [values parsed to the field's type])], in flag order.
+
+    Raises:
+      SweepError: a malformed flag, an unknown field or group, a value of the wrong type, or a
+        field swept twice.
+    """
+    if not specs:
+        raise SweepError(f"Nothing to sweep: give at least one --sweep, e.g. {EXAMPLE}.")
+    sweeps, seen = [], set()
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise SweepError(
+                f"--sweep={spec!r} is not <field>=<v1>,<v2>,...; write e.g. {EXAMPLE}."
+            )
+        if key in seen:
+            raise SweepError(f"--sweep: {key} is swept twice; give all its values in one flag.")
+        seen.add(key)
+        current = _field(config, key)
+        texts = _split_top_level(values)
+        if any(not t for t in texts):
+            raise SweepError(f"--sweep={spec!r} has an empty value; write e.g. {EXAMPLE}.")
+        sweeps.append((key, [parse_value(key, t, current) for t in texts]))
+    return sweeps
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def settings(sweeps: list[tuple[str, list]]) -> list[dict]:
+    """The cartesian product of the swept values, the last field varying fastest."""
+    keys = [k for k, _ in sweeps]
+    return [
+        dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweeps))
+    ]
+
+
+def _fmt_value(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_fmt_value(v) for v in value) + ")"
+    return str(value)
+
+
+def run_name(index: int, setting: dict) -> str:
+    """Directory name of a setting: its index and its values, filesystem-safe."""
+    text = "_".join(f"{k}={_fmt_value(v)}" for k, v in setting.items())
+    return f"{index:03d}_" + re.sub(r"[^A-Za-z0-9._=+,()-]", "-", text)[:150]
+
+
+def configure(config, setting: dict, workdir: str) -> ml_collections.ConfigDict:
+    """A copy of `config` with `setting` applied and pre-training shared under the sweep."""
+    config = copy.deepcopy(config)
+    for key, value in setting.items():
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise SweepError(f"--sweep: cannot set {key}={value!r}: {e}") from None
+    if not config.pretrain.dir:
+        config.pretrain.dir = os.path.join(workdir, "pretrain")
+    if "task_b" in config and not config.task_b.get("cache_dir"):
+        config.task_b.cache_dir = os.path.join(workdir, "task_b")
+    return config
+
+
+def _pipeline(config):
+    if config.experiment not in run_lib.PIPELINES:
+        raise SweepError(
+            f"No pipeline for experiment {config.experiment!r}; sweeps run "
+            f"{', '.join(run_lib.PIPELINES)}."
+        )
+    return importlib.import_module(run_lib.PIPELINES[config.experiment])
+
+
+def plan(config, sweeps, workdir: str) -> list[tuple[str, dict, ml_collections.ConfigDict]]:
+    """Every setting's (run directory name, setting, config), each checked by its pipeline.
+
+    Raises:
+      SweepError: naming the setting whose config fails the experiment's checks.
+    """
+    planned = []
+    for i, setting in enumerate(settings(sweeps)):
+        cfg = configure(config, setting, workdir)
+        try:
+            _pipeline(cfg).check_config(cfg)
+        except ValueError as e:  # ConfigError
+            raise SweepError(f"Setting {_describe(setting)}: {e}") from None
+        planned.append((run_name(i, setting), setting, cfg))
+    return planned
+
+
+def _describe(setting: dict) -> str:
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in setting.items())
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def _load_finished(path: str, config) -> dict | None:
+    """The results of a finished run in `path` for the same config, None when there are none."""
+    results_path = os.path.join(path, workdir_lib.RESULTS_FILE)
+    if not os.path.exists(results_path):
+        return None
+    with open(results_path) as f:
+        results = json.load(f)
+    want = json.loads(json.dumps(report.to_jsonable(config.to_dict())))
+    differ = _differences(results.get("config") or {}, want)
+    if differ:
+        raise SweepError(
+            f"{path} holds results of a different config than this sweep's setting (differs in "
+            f"{', '.join(differ[:5])}). Pass --overwrite to rerun it, or choose another --workdir."
+        )
+    return results
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def summary_rows(name: str, setting: dict, results) -> list[dict]:
+    """One row per method: readout A before/after, forgetting of A and readout B, each as
+    {"mean", "std"} over the seeds that did not diverge (fractions, not percent), or None when
+    all of them diverged; "runs" and "diverged" count the method's seeds."""
+    fields = {
+        "readout_A_before": "before_readout_A",
+        "readout_A": "after_readout_A",
+        "forgetting_A": "forgetting_readout_A",
+        "readout_B": "after_readout_B",
+    }
+    rows = []
+    dropped = divergence.dropped_rows(results)
+    for method, stats in cl_metrics.summarize(results).items():
+        runs, gone = divergence.num_runs(results, method), len(dropped.get(method, []))
+        row = {"run": name, "setting": setting, "method": method, "runs": runs, "diverged": gone}
+        for field, stat in fields.items():
+            mean, std = stats[stat]
+            # No number at all: a diverged setting must not look like a result to rank.
+            row[field] = None if gone and gone >= runs else {"mean": mean, "std": std}
+        rows.append(row)
+    return rows
+
+
+def _percent(stat: dict | None) -> str:
+    return "diverged" if stat is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def markdown(rows: list[dict], keys: list[str], note: str = "") -> str:
+    """The sweep table: one row per setting × method, accuracies in %, forgetting in points;
+    the method cell counts diverged runs, and a fully diverged one reads "diverged"."""
+    stats = [
+        ("readout_A_before", "readout A before (%)"),
+        ("readout_A", "readout A after (%)"),
+        ("forgetting_A", "forgetting A (pts)"),
+        ("readout_B", "readout B (%)"),
+    ]
+    header = ["run", *keys, "method", *(title for _, title in stats)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["run"].split("_", 1)[0]]
+        cells += [_fmt_value(row["setting"][k]) for k in keys]
+        cells.append(divergence.table_label(row["method"], row["diverged"], row["runs"]))
+        cells += [_percent(row[s]) for s, _ in stats]
+        lines.append("| " + " | ".join(cells) + " |")
+    return (note + "\n\n" if note else "") + "\n".join(lines) + "\n"
+
+
+def _write_tables(workdir: str, config, keys: list[str], rows: list[dict], total: int):
+    if not distributed.is_main():  # Process 0 writes the tables of a multi-process sweep.
+        return
+    done = len({r["run"] for r in rows})
+    note = (
+        f"# Sweep of {', '.join(keys)}\n\nExperiment `{config.experiment}`, preset "
+        f"`{config.get('preset', '')}`, {config.num_seeds} seeds; {done}/{total} settings done. "
+        "Final values at the last probe step; mean ± std over seeds (ddof=1); forgetting = "
+        "readout A at step 0 minus at the end (per seed)."
+    )
+    workdir_lib.write_json_atomic(
+        os.path.join(workdir, SWEEP_FILE),
+        report.to_jsonable({"keys": keys, "settings_done": done, "settings": total, "rows": rows}),
+    )
+    workdir_lib.write_atomic(os.path.join(workdir, TABLE_FILE), markdown(rows, keys, note).encode())
+
+
+def run_sweep(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: bool = False,
+              planned=None):  # fmt: skip
+    """Runs every setting of `sweeps` on `config` and writes the sweep's tables.
+
+    Args:
+      config: the base config (left unchanged).
+      workdir: the sweep's directory: one subdirectory per setting, plus `pretrain/`,
+        `sweep.md` and `sweep.json`.
+      sweeps: [(field, values)] from `parse_sweeps`.
+      overwrite: rerun settings that already finished (otherwise their results are reused).
+      planned: what `plan(config, sweeps, workdir)` returned (None: planned here).
+
+    Returns:
+      The table rows (`summary_rows`), in setting order.
+    """
+    workdir = os.path.abspath(workdir)
+    if planned is None:  # Everything is checked before anything runs.
+        planned = plan(config, sweeps, workdir)
+    keys = [k for k, _ in sweeps]
+    rows = []
+    with workdir_lib.locked(workdir, overwrite):
+        # Finished settings are found (and checked against their config) before any run.
+        finished = [
+            None if overwrite else _load_finished(os.path.join(workdir, name), cfg)
+            for name, _, cfg in planned
+        ]
+        for i, ((name, setting, cfg), results) in enumerate(zip(planned, finished, strict=True)):
+            path = os.path.join(workdir, name)
+            if results is not None:
+                logging.info("Setting %d/%d reused (finished before)", i + 1, len(planned))
+            else:
+                logging.info("Setting %d/%d: %s", i + 1, len(planned), _describe(setting))
+                with workdir_lib.locked(path, overwrite):
+                    results = _pipeline(cfg).run(cfg, path)
+            rows += summary_rows(name, setting, results)
+            _write_tables(workdir, config, keys, rows, len(planned))
+    logging.info("Sweep table:\n%s", markdown(rows, keys))
+    return rows
+
+
+def run_main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(run_lib.quiet_libraries)
+    from l2r.config_checks import ConfigError
+    from l2r.data.sources import DataError
+
+    try:
+        with run_lib.held_logs():  # A refused sweep prints its one error line, nothing else.
+            run_lib.start_runtime()
+            sweeps = parse_sweeps(FLAGS.config, FLAGS.sweep)
+            planned = plan(FLAGS.config, sweeps, os.path.abspath(FLAGS.workdir))
+        run_sweep(FLAGS.config, FLAGS.workdir, sweeps, FLAGS.overwrite, planned)
+    except (SweepError, ConfigError, DataError, workdir_lib.WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """The console script: parses the command line and runs."""
+    app.run(run_main, flags_parser=run_lib.parse_flags)
+
+
+if __name__ == "__main__":
+    main()
