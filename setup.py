@@ -50,7 +50,7 @@ setuptools.setup(
         # Preparing TFDS datasets (download + conversion) needs TensorFlow; reading prepared
         # data with tfds.data_source does not.
         "tfds": ["tensorflow>=2.16"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "setuptools>=70.1"],  # 70.1: wheels
         "bench": ["torch==2.13.0"],
     },
 )
