@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from l2r import checkpoint, models, probe, rng, task_b, training
+from l2r import checkpoint, models, probe, rng, task_b, tracking, training
 from l2r.config_checks import ConfigError
 from l2r.data import tasks
 from l2r.methods.base import Method
@@ -115,7 +115,8 @@ def phase_steps(config) -> list[int]:
 
 
 def compare(config, model, pretrained, task_list, mean, std, methods, starts=None, names=None,
-            shard_seeds=True, cache_dir=None) -> dict:  # fmt: skip
+            shard_seeds=True, cache_dir=None, writers: tracking.Writers = tracking.NO_WRITERS,
+            run_prefix: str = "task_b") -> dict:  # fmt: skip
     """Runs every method of `methods` through the tasks after the first over `num_seeds` seeds.
 
     Args:
@@ -129,6 +130,8 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
         evenly; otherwise every process runs them all on its first device.
       cache_dir: where each method's histories are saved as `<name>-<key>.npz`
         (`task_b.history_key`) and reused by a later call with the same key.
+      writers: each method's probes stream to its run `<run_prefix>/<name>` of these as they
+        are measured (a reused method's, when it is read); `tracking.writers(workdir)`.
 
     Returns:
       {"methods": {name: {metric: [S, P]}}, "steps", "seeds",
@@ -191,6 +194,7 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
         return initial
 
     histories, train_times, reused = {}, {}, []
+    probe_steps = list(range(0, sum(steps) + 1, config.task_b.probe_every))
     if cache_dir is not None:
         splits = [(t.train.images, t.train.labels, t.test.images, t.test.labels)
                   for t in task_list]  # fmt: skip
@@ -204,20 +208,22 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
             path = os.path.join(cache_dir, f"{name}-{key}.npz")
         run_phases = [task_b.Phase(m, *p) for m, p in zip(per_phase, phases, strict=True)]
         found = task_b.load_history(path)
+        writer = writers(f"{run_prefix}/{name}")
         if found is None:
             history, train_s, method_probe_s = task_b.run_phases(
                 run_phases, start_of(name) if own else networks0, config, probe_fn, sets,
-                None if own else initial_probe(), seeds,
+                None if own else initial_probe(), seeds, writer,
             )  # fmt: skip
             task_b.save_history(path, history, train_s, method_probe_s)
             probe_s += method_probe_s
         else:
             history, train_s, _ = found
+            tracking.write_history(writer, probe_steps, history)
             reused.append(name)
         histories[name] = history
         train_times[name] = train_s
     return {
-        "steps": list(range(0, sum(steps) + 1, config.task_b.probe_every)),
+        "steps": probe_steps,
         "seeds": list(range(s)),
         "methods": histories,
         "timing": {"task_b_s": train_times, "probe_s": probe_s, "task_b_reused": reused},

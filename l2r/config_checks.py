@@ -116,7 +116,8 @@ def check_batch(name: str, batch: int, available: int, task: str) -> None:
 def check_methods(config, num_tasks: int = 1, rule: bool = True, meta_data: bool = True) -> None:
     """`task_b.methods` names registered methods that this experiment can run: `num_tasks`
     tasks after Task A, with (`rule`) or without a meta-trained rule, with (`meta_data`) or
-    without meta-training data (which Rep and OML need)."""
+    without meta-training data (which Rep and OML need); the config has the `task_b` subgroup
+    of each that registered one."""
     b = config.task_b
     choices = ", ".join(registry.names())
     require(len(b.methods) > 0, f"task_b.methods is empty; name one or more of {choices}.")
@@ -133,6 +134,11 @@ def check_methods(config, num_tasks: int = 1, rule: bool = True, meta_data: bool
                 f"task_b.methods has {name!r}, which learns one task after Task A only; with "
                 f"{num_tasks} later tasks choose from those that learn several: "
                 f"{', '.join(registry.names(sequences=True))}.")  # fmt: skip
+        require(not entry.group or isinstance(b.get(entry.group), ml_collections.ConfigDict),
+                f"task_b.methods has {name!r}, whose hyper-parameters task_b.{entry.group} are "
+                "not in the config: build the config after importing the module that registers "
+                f"{name!r}, or add them with l2r.methods.registry.add_config_groups("
+                "config.task_b).")  # fmt: skip
 
 
 def check_steps(config, fields=("steps",)) -> None:

@@ -13,6 +13,7 @@ import optax
 
 from l2r import checkpoint, keys, models, report, rng, training
 from l2r.data import stream
+from l2r.models import registry as model_registry
 
 # `pretrain` fields that say how many networks there are, how many train per call and where
 # they are kept: none changes what network i is.
@@ -21,13 +22,16 @@ BUDGET_FIELDS = ("num_checkpoints", "seeds_per_call", "dir")
 
 def recipe(config: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict | None = None):
     """The config fields a Task-A-style training run reads: the seed, augmentation, the model
-    and the optimiser group `cfg` (default `config.pretrain`) less its `BUDGET_FIELDS`."""
+    (and, for a model registered from a user's file, that file's source) and the optimiser
+    group `cfg` (default `config.pretrain`) less its `BUDGET_FIELDS`."""
     cfg = config.pretrain if cfg is None else cfg
+    user_model = model_registry.user_code(config.model)  # {} for l2r's own models
     return {
         "seed": config.seed,
         "augment": config.data.augment,
         "model": config.model.to_dict(),
         "pretrain": {k: v for k, v in cfg.to_dict().items() if k not in BUDGET_FIELDS},
+        **({"model_code": user_model} if user_model else {}),
     }
 
 

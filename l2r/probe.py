@@ -486,3 +486,14 @@ def linear_cka(x_ND: jax.Array, y_NE: jax.Array) -> jax.Array:
     xx = jnp.linalg.norm(jnp.matmul(x.T, x, precision=_HI))
     yy = jnp.linalg.norm(jnp.matmul(y.T, y, precision=_HI))
     return cross / (xx * yy)
+
+
+def layer_cka(reps_x: dict, reps_y: dict) -> dict:
+    """`linear_cka` layer by layer: {name: [N, ...]} and {name: [N, ...]} of the same N inputs
+    (two networks' feature maps, or their taps' `outputs`; trailing dims are flattened) ->
+    {name: scalar CKA}."""
+    if reps_x.keys() != reps_y.keys():
+        raise ValueError(f"layer_cka got layers {sorted(reps_x)} and {sorted(reps_y)}; pass the "
+                         "same layer names for both.")  # fmt: skip
+    flat = lambda a: jnp.reshape(a, (a.shape[0], -1))  # noqa: E731
+    return {k: linear_cka(flat(reps_x[k]), flat(reps_y[k])) for k in reps_x}

@@ -1,14 +1,17 @@
-"""Reporting: turns an experiment's results dict into JSON, markdown, plots and TensorBoard.
+"""Reporting: turns an experiment's results dict into JSON, CSV, markdown, plots (PNG and PDF)
+and TensorBoard.
 
 The runner produces a results dict (see `write_report`) whose per-method metrics are arrays of
 shape [S, P]: S seeds by P probe steps. Accuracies are fractions in [0, 1] and are shown in
 percent; every statistic is mean ± std over seeds.
 """
 
+import csv
 import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -17,12 +20,65 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from l2r import cl_metrics, distributed, divergence
 from l2r import workdir as workdir_lib
 
 # Metrics with these prefixes are accuracies in [0, 1], displayed in percent.
 _PERCENT_PREFIXES = ("readout_", "original_")
+
+# The version of results.json's and results.csv's layout, stored in results.json as "schema";
+# raised when a field is renamed or changes meaning (adding a field does not raise it).
+RESULTS_SCHEMA = 1
+CSV_FILE = "results.csv"
+CSV_COLUMNS = ("experiment", "preset", "method", "seed", "step", "task", "metric", "value",
+               "diverged")  # fmt: skip
+
+LEARNED = "learned"  # The meta-learned rule: set apart in every figure.
+_DISPLAY_NAMES = {
+    "sgd": "SGD",
+    "teacher": "multi-task teacher",
+    LEARNED: "learned rule (ours)",
+    "lwf": "LwF",
+    "ewc": "EWC",
+    "hat": "HAT",
+    "oml": "OML",
+    "rep": "Rep",
+}
+# Probe metrics are named <kind>_<task> (readout_A, original_2, cka_1); the rest (loss) are not.
+_METRIC_TITLES = {
+    "readout": "Task {} readout accuracy",
+    "original": "Task {} original head",
+    "cka": "CKA to the pre-trained network, Task {}",
+}
+_LOSS_TITLE = "Task-B training loss"
+
+
+def display_name(method: str) -> str:
+    """How figures name `method`: "sgd" -> "SGD", "sgd_x0.1" -> "SGD (lr ×0.1)", "learned" ->
+    "learned rule (ours)", "lwf" -> "LwF", ...; an unknown name comes back unchanged."""
+    if method in _DISPLAY_NAMES:
+        return _DISPLAY_NAMES[method]
+    scaled = re.fullmatch(r"sgd_x(\d+(?:\.\d*)?|\.\d+)", method)
+    return f"SGD (lr ×{scaled.group(1)})" if scaled else method
+
+
+def split_metric(metric: str) -> tuple[str, str]:
+    """(kind, task) of a metric name: "readout_A" -> ("readout", "A"), "cka_1" -> ("cka", "1"),
+    "loss" -> ("loss", ""); a name that is not <probe kind>_<task> is its own kind, task ""."""
+    kind, sep, task = metric.partition("_")
+    return (kind, task) if sep and task and kind in _METRIC_TITLES else (metric, "")
+
+
+def metric_title(metric: str) -> str:
+    """A panel title for `metric`: "readout_A" -> "Task A readout accuracy", "original_A" ->
+    "Task A original head", "cka_A" -> "CKA to the pre-trained network, Task A"; an unknown
+    name comes back unchanged."""
+    kind, task = split_metric(metric)
+    if task:
+        return _METRIC_TITLES[kind].format(task)
+    return _LOSS_TITLE if metric == "loss" else metric
 
 
 def to_jsonable(obj):
@@ -51,15 +107,18 @@ def write_atomic(path, data: bytes) -> str:
 
 
 def write_results_json(results, workdir) -> str:
-    """Writes `config.json` (from `results["config"]`) and then `results.json`, atomically, and
-    returns the latter's path. Call it last of all a run's artefacts: a workdir with
+    """Writes `config.json` (from `results["config"]`) and then `results.json` (with
+    `"schema": RESULTS_SCHEMA` first), atomically, and returns the latter's path. Call it last
+    of all a run's artefacts: a workdir with
     `results.json` is finished (`l2r.workdir`), so a run killed before it is rerun to the end.
 
     Results being replaced (`--overwrite`) are removed first, so `config.json` never describes
     a run that `results.json` does not hold.
     """
     os.makedirs(workdir, exist_ok=True)
-    text = json.dumps(to_jsonable(results), indent=2, allow_nan=False)
+    versioned = {"schema": RESULTS_SCHEMA, **results}
+    versioned["schema"] = RESULTS_SCHEMA  # First in the file; this layout's version wins.
+    text = json.dumps(to_jsonable(versioned), indent=2, allow_nan=False)
     path = os.path.join(workdir, workdir_lib.RESULTS_FILE)
     if distributed.is_main() and os.path.exists(path):
         os.unlink(path)
@@ -79,7 +138,7 @@ def _kept_metric(results, method: str, name: str, dropped: dict) -> np.ndarray:
 
 
 def _label(results, method: str, dropped: dict, label: Callable) -> str:
-    """`method` as `label` (`divergence.table_label` or `figure_label`) names it."""
+    """`method` as `label` (`divergence.table_label` or `legend_label`) names it."""
     return label(method, len(dropped.get(method, [])), divergence.num_runs(results, method))
 
 
@@ -213,54 +272,183 @@ def write_markdown(results, workdir, title=None) -> str:
     return write_atomic(os.path.join(workdir, "results.md"), ("\n\n".join(parts) + "\n").encode())
 
 
+def results_rows(results) -> list[dict]:
+    """`results` in long ("tidy") form: one row per method, seed, probe step and metric, with
+    the keys `CSV_COLUMNS`, in method (display) order, then seed, step and metric.
+
+    `metric` and `task` split a results.json key (`split_metric`): readout_A is metric "readout",
+    task "A"; the loss has task "". `value` is as stored: accuracies are fractions in [0, 1],
+    NaN where undefined (the loss at step 0). `seed` is `results["seeds"]`' entry (a run index
+    when several meta-test tasks are merged). `diverged` is True for every row of a run that
+    `l2r.divergence` leaves out of the means.
+    """
+    seeds, steps = list(results.get("seeds") or []), list(results["steps"])
+    dropped = divergence.dropped_rows(results)
+    head = {k: str(results.get(k, "")) for k in ("experiment", "preset")}
+    rows = []
+    for method, history in results["methods"].items():
+        names = [m for m, v in history.items() if v is not None]
+        arrays = {m: _metric(results, method, m) for m in names}
+        gone = set(dropped.get(method, []))
+        for s in range(divergence.num_runs(results, method)):
+            seed = int(seeds[s]) if s < len(seeds) else s
+            for p, step in enumerate(steps):
+                for m in names:
+                    metric, task = split_metric(m)
+                    rows.append({
+                        **head, "method": method, "seed": seed, "step": int(step), "task": task,
+                        "metric": metric, "value": float(arrays[m][s, p]), "diverged": s in gone,
+                    })  # fmt: skip
+    return rows
+
+
+def _csv_field(value) -> str:
+    """A field as results.csv holds it: floats as their shortest exact repr, NaN as an empty
+    field (results.json's null), ±inf as inf / -inf, booleans as 1 / 0."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def write_csv(results, workdir) -> str:
+    """Writes `<workdir>/results.csv` (`results_rows`, header `CSV_COLUMNS`) atomically and
+    returns its path. Read it with `load_results`, or `pandas.read_csv(path,
+    dtype={"task": str})` (the dtype keeps Exp 5's task "1" a string; empty fields, the NaN values
+    and the loss's task, read as NaN)."""
+    os.makedirs(workdir, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in results_rows(results):
+        writer.writerow([_csv_field(row[c]) for c in CSV_COLUMNS])
+    return write_atomic(os.path.join(workdir, CSV_FILE), buf.getvalue().encode())
+
+
+def load_results(path) -> list[dict]:
+    """The rows of a results.csv (`path`: the file or its workdir) as `results_rows` made them:
+    seed and step ints, value a float (NaN for an empty field), diverged a bool, the rest
+    strings. Needs no pandas."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CSV_FILE)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{path} is not a results.csv: it has no column {missing}.")
+        return [
+            {**row, "seed": int(row["seed"]), "step": int(row["step"]),
+             "value": float(row["value"] or "nan"), "diverged": row["diverged"] == "1"}
+            for row in reader
+        ]  # fmt: skip
+
+
 def save_figure(fig: Figure, path: str) -> str:
-    """Writes `fig` to `path` as a PNG (atomically) and returns the path."""
+    """Writes `fig` to `path` as a PNG and beside it as a PDF (`pdf_path`), both atomically, and
+    returns the PNG's path. The PDF (vector, for papers) carries no creation date, so the same
+    figure gives the same bytes."""
+    if not distributed.is_main():  # Only process 0 writes: no need to render.
+        return os.fspath(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
+    write_atomic(pdf_path(path), buf.getvalue())
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return write_atomic(path, buf.getvalue())
 
 
+def pdf_path(png_path: str) -> str:
+    """Where `save_figure` writes the PDF of the figure at `png_path`: the same stem, `.pdf`."""
+    return os.path.splitext(os.fspath(png_path))[0] + ".pdf"
+
+
+def method_styles(methods) -> dict[str, dict]:
+    """The line style of each of `methods` in a figure, as `Axes.plot` keywords: colours by
+    position among the baselines (tab10; tab20 past ten), and the learned rule set apart in
+    black, thicker and drawn above them."""
+    baselines = [m for m in methods if m != LEARNED]
+    palette = matplotlib.colormaps["tab10" if len(baselines) <= 10 else "tab20"].colors
+    styles = {m: {"color": palette[i % len(palette)], "lw": 1.5, "zorder": 2}
+              for i, m in enumerate(baselines)}  # fmt: skip
+    styles[LEARNED] = {"color": "black", "lw": 2.8, "zorder": 3}
+    return {m: styles[m] for m in methods}
+
+
+def band_alpha(num_methods: int, method: str = "") -> float:
+    """The opacity of `method`'s ± std band among `num_methods`: lighter when more than four
+    overlap, and half as opaque for the learned rule, whose black band would hide the others."""
+    alpha = 0.15 if num_methods <= 4 else 0.07
+    return alpha / 2 if method == LEARNED else alpha
+
+
+def integer_ticks(axis) -> None:
+    """Ticks `axis` (steps, episodes) at whole numbers only, at multiples of 1, 2 or 5 × 10^k."""
+    axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
+def draw_mean_std(ax, steps, x_SxP: np.ndarray, style: dict, label: str, alpha: float) -> Line2D:
+    """Draws the mean over the rows of `x_SxP` against `steps` with a ± std band (`_mean_std`)
+    and returns the line; with no row left (every run diverged) it draws nothing and returns a
+    dotted legend entry."""
+    if not x_SxP.shape[0]:
+        return Line2D([], [], color=style["color"], ls=":", label=label)
+    mean, std = _mean_std(x_SxP)
+    (line,) = ax.plot(steps, mean, label=label, **style)
+    ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=alpha, lw=0,
+                    zorder=style["zorder"] - 1)  # fmt: skip
+    return line
+
+
 def curves_figure(results, metrics: list[str], ylabel: str) -> Figure:
-    """One panel per metric of `metrics` (vs Task-B steps, sharing the y axis): one line per
-    method with its mean over seeds, shaded ± std, and one legend beside the panels. Each
-    method's colour is fixed by its position in `results["methods"]`. Diverged runs
-    (`l2r.divergence`) are left out: the legend says "ewc (1/3 diverged)", or "ewc (diverged)"
+    """One panel per metric of `metrics` (vs Task-B steps, sharing the y axis, titled by
+    `metric_title`): one line per method with its mean over seeds, shaded ± std, and one legend
+    beside the panels naming each method by `display_name`. Styles come from `method_styles`
+    (a method keeps its colour across panels; the learned rule stands out). Diverged runs
+    (`l2r.divergence`) are left out: the legend says "EWC (1/3 diverged)", or "EWC (diverged)"
     for a method with no run left, which gets a legend entry but no line."""
     steps = np.asarray(results["steps"])
     methods = list(results["methods"])
-    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
-    fig = Figure(figsize=(4.5 * len(metrics) + 1.5, 4), layout="constrained")
+    styles = method_styles(methods)
+    fig = Figure(figsize=(4.5 * len(metrics) + 2.0, 4), layout="constrained")
     axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
     dropped = divergence.dropped_rows(results)
     lines = {}
     for ax, metric in zip(axes, metrics, strict=True):
         scale = 100.0 if _is_percent(metric) else 1.0
-        for i, method in enumerate(methods):
+        for method in methods:
             if metric not in results["methods"][method]:
                 continue
-            colour = palette[i % len(palette)]
-            label = _label(results, method, dropped, divergence.figure_label)
-            x = _kept_metric(results, method, metric, dropped)
-            if not x.shape[0]:  # Nothing to draw, but the legend still names the method.
-                lines.setdefault(method, Line2D([], [], color=colour, ls=":", label=label))
-                continue
-            mean, std = (scale * a for a in _mean_std(x))
-            (lines[method],) = ax.plot(steps, mean, color=colour, label=label)
-            ax.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
-        ax.set(xlabel="Task B steps", title=metric)
+            label = _label(results, method, dropped, legend_label)
+            x = scale * _kept_metric(results, method, metric, dropped)
+            alpha = band_alpha(len(methods), method)
+            line = draw_mean_std(ax, steps, x, styles[method], label, alpha)
+            if line.axes is not None or method not in lines:
+                lines[method] = line
+        ax.set(xlabel="Task B steps", title=metric_title(metric))
+        integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    fig.suptitle(f"{results.get('experiment', '')}: mean ± std over {len(results['seeds'])} seeds")
-    labels = [line.get_label() for line in lines.values()]
-    fig.legend(list(lines.values()), labels, loc="outside right center", fontsize="small")
+    n_seeds = len(results["seeds"])
+    fig.suptitle(f"{results.get('experiment', '')}: mean ± std over {n_seeds} seeds")
+    handles = [lines[m] for m in methods if m in lines]  # Display order, whatever the panels.
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside right center",
+               fontsize="small")  # fmt: skip
     return fig
 
 
+def legend_label(method: str, num_dropped: int, num_runs: int) -> str:
+    """A method's legend label: its `display_name` and, from `divergence.figure_label`, how many
+    of its runs diverged ("EWC (1/3 diverged)")."""
+    return divergence.figure_label(display_name(method), num_dropped, num_runs)
+
+
 def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
-    """Plots Fig.-1-style curves (`curves_figure`) as PNGs: `{prefix}_task_A.png` and
-    `{prefix}_task_B.png` (a Readout and an Original panel) and, when cka_* metrics exist,
-    `{prefix}_cka.png`. Uses `Figure` directly (Agg canvas, no pyplot state), so it is safe
-    headless and in threads."""
+    """Plots Fig.-1-style curves (`curves_figure`) as PNGs, each with its PDF (`save_figure`):
+    `{prefix}_task_A.png` and `{prefix}_task_B.png` (a Readout and an Original panel) and, when
+    cka_* metrics exist, `{prefix}_cka.png`; returns the PNGs' paths. Uses `Figure` directly
+    (Agg canvas, no pyplot state), so it is safe headless and in threads."""
     os.makedirs(workdir, exist_ok=True)
     metrics = _metric_names(results)
     figures = {
@@ -339,8 +527,10 @@ def _format_duration(seconds: float) -> str:
 class Progress:
     """Console progress with rate and ETA, logged via absl at most every `interval_s` seconds.
 
-    The rate is averaged over the whole run since construction; `start` excludes work done
-    before this process began (e.g. when resuming) from it.
+    The rate (and so the ETA) counts compiled work only: the interval before the first update
+    holds the first call's compilation, as does the one after `compiling()`, and both are left
+    out of it ("?" until an interval is measured). `start`: units done before this process
+    began (when resuming), where the count starts.
     """
 
     def __init__(
@@ -353,20 +543,33 @@ class Progress:
         start: int = 0,
     ):
         self.total, self.name, self.interval_s, self.unit = total, name, interval_s, unit
-        self._clock, self._start = clock, start
-        self._t0 = self._last_log = clock()
+        self._clock, self._done = clock, start
+        self._last = self._last_log = clock()
+        self._compiling = True  # The first call of a jitted step compiles it.
+        self._units = self._seconds = 0.0  # Measured: work and time, compiling intervals out.
+
+    def compiling(self, what: str) -> str:
+        """Logs `[name] compiling <what>…` (the console is silent meanwhile, minutes at times)
+        and leaves the interval up to the next update out of the rate; returns the line."""
+        self._compiling = True
+        line = f"[{self.name}] compiling {what}…"
+        logging.info("%s", line)
+        return line
 
     def update(self, done: int, **metrics) -> str | None:
         """Reports `done` units finished; returns the logged line, or None when throttled."""
         now = self._clock()
+        if not self._compiling:
+            self._units += done - self._done
+            self._seconds += now - self._last
+        self._compiling, self._done, self._last = False, done, now
         if done < self.total and now - self._last_log < self.interval_s:
             return None
         self._last_log = now
-        elapsed = now - self._t0
-        rate = (done - self._start) / elapsed if elapsed > 0 else float("nan")
+        rate = self._units / self._seconds if self._seconds > 0 else float("nan")
         eta = _format_duration(max(self.total - done, 0) / rate) if rate > 0 else "?"
         # Slow loops (meta-training episodes) need significant digits, not one decimal.
-        rate_str = f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
+        rate_str = "?" if math.isnan(rate) else f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
         line = (
             f"[{self.name}] {done}/{self.total} ({100 * done // max(self.total, 1)}%) "
             f"{rate_str} {self.unit}/s, ETA {eta}"
@@ -381,12 +584,14 @@ class Progress:
 
 def write_artefacts(results, workdir, prefix: str = "fig1") -> dict[str, str]:
     """Writes every artefact of `results` but `results.json` into `workdir`; returns
-    {artefact: path}: `markdown` (results.md), `tensorboard` (tb/) and one entry per PNG, keyed
-    by its file stem (e.g. `fig1_task_A`)."""
+    {artefact: path}: `markdown` (results.md), `csv` (results.csv), `tensorboard` (tb/) and one
+    entry per figure, keyed by its file stem (e.g. `fig1_task_A`, the PNG) and the stem with
+    `_pdf` (its PDF)."""
     os.makedirs(workdir, exist_ok=True)
-    artefacts = {"markdown": write_markdown(results, workdir)}
+    artefacts = {"markdown": write_markdown(results, workdir), "csv": write_csv(results, workdir)}
     for path in plot_curves(results, workdir, prefix=prefix):
-        artefacts[os.path.splitext(os.path.basename(path))[0]] = path
+        stem = os.path.splitext(os.path.basename(path))[0]
+        artefacts[stem], artefacts[f"{stem}_pdf"] = path, pdf_path(path)
     tb_dir = os.path.join(os.fspath(workdir), "tb")
     write_curves_to_tensorboard(results, tb_dir)
     artefacts["tensorboard"] = tb_dir

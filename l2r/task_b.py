@@ -15,7 +15,11 @@ method and adding a method to a finished one costs only that method.
 
 import contextlib
 import functools
+import hashlib
+import inspect
 import os
+import pathlib
+import sys
 import time
 import zipfile
 from typing import NamedTuple
@@ -26,8 +30,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from l2r import checkpoint, distributed, keys, models, probe, report, rng, training
+from l2r import checkpoint, distributed, keys, models, probe, report, rng, tracking, training
 from l2r.data import stream
+from l2r.methods import groups
 from l2r.methods.base import Batch, Method
 
 
@@ -194,9 +199,11 @@ def switch_states(method: Method, states, keys, data_done, chunk: int | None = N
 
 
 def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initial_probe,
-               seeds: training.RunAxis | None = None):  # fmt: skip
+               seeds: training.RunAxis | None = None,
+               writer: tracking.MetricWriter = tracking.NOOP):  # fmt: skip
     """Runs one method through `phases` for every seed, probing every `task_b.probe_every`
-    steps; its state carries across phases.
+    steps; its state carries across phases. Each probe's seed means (and the mean loss) go to
+    `writer` as soon as they are measured, at their step.
 
     Args:
       phases: [Phase], in order; the first phase's method initialises the state.
@@ -206,6 +213,7 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
         of `networks0`, shared by the methods that start from them; None: probe the method's
         initial states (its own start or representation) and use that.
       seeds: where the seeds run (split over the devices, or not: the default).
+      writer: where the probes stream to (`tracking.writers(workdir)("task_b/<method>")`).
 
     Returns:
       ({metric: float array [S, P]} over probe steps 0, probe_every, ..., the last step;
@@ -230,6 +238,8 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
     metrics0, ref_rep = initial_probe
     history = {k: [np.asarray(metrics0[k])] for k in display_order(metrics0)}
     history["loss"] = [np.full(num_seeds, np.nan)]
+    writer.write_scalars(0, tracking.seed_means({k: v[0] for k, v in history.items()
+                                                 if k != "loss"}))  # fmt: skip
     train_s = probe_s = 0.0
     every = config.task_b.probe_every
     total = sum(p.streams.idx_b.shape[1] for p in phases)
@@ -259,7 +269,7 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
                 training.slice_steps(st.aug_a, start, stop) if uses_a else None,
             )))  # fmt: skip
 
-        def on_chunk(stop, states, step_metrics, method=method):
+        def on_chunk(stop, states, step_metrics, method=method, offset=offset):
             """Probes every task after the chunk and records it."""
             nonlocal train_s, probe_s
             jax.block_until_ready(states)
@@ -274,10 +284,13 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
             for k in metrics0:
                 history[k].append(np.asarray(metrics[k]))
             history["loss"].append(np.asarray(step_metrics["loss"]))
+            means = tracking.seed_means({k: v[-1] for k, v in history.items()})
+            writer.write_scalars(offset + stop, means)
             return {"loss": float(np.mean(step_metrics["loss"])),
                     first_readout: float(np.mean(metrics[first_readout]))}  # fmt: skip
 
         chunk = functools.partial(advance, data_a=phase.data_a, data_b=phase.data_b)
+        progress.compiling("the steps and the probe" if i == 0 else f"the steps of phase {i + 1}")
         states, _ = training.run_chunked(chunk, states, st.idx_b.shape[1], every, xs_for,
                                          progress, on_chunk, offset)  # fmt: skip
         offset += st.idx_b.shape[1]
@@ -287,36 +300,65 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
 # ----------------------------------------------------------------------------------------------
 # The cache of finished histories.
 
-# The `task_b` subgroups that configure one method each: a method's cache key holds its own
-# subgroup only, so a sweep of one baseline's hyper-parameter reuses the other methods' runs.
-METHOD_GROUPS = ("lwf", "ewc", "hat", "oml", "rep")
-
 
 def cache_dir(config, workdir: str) -> str:
     """Where finished Task-B histories are cached: `task_b.cache_dir` or <workdir>/task_b."""
     return config.task_b.get("cache_dir") or os.path.join(workdir, "task_b")
 
 
+def _functions(methods) -> list:
+    return [f for m in methods for f in (m.init, m.step, m.network, m.represent, m.switch)
+            if f is not None]  # fmt: skip
+
+
+def _in_l2r(module: str) -> bool:
+    return module.partition(".")[0] == __name__.partition(".")[0]
+
+
 def method_modules(methods) -> list[str]:
-    """The modules that define `methods`' functions: what their runs execute besides this one."""
-    fns = [f for m in methods for f in (m.init, m.step, m.network, m.represent, m.switch)
-           if f is not None]  # fmt: skip
-    return sorted({f.__module__ for f in fns})
+    """The l2r modules that define `methods`' functions: what their runs execute besides this
+    one (for a method defined outside l2r, see `user_code`)."""
+    return sorted({f.__module__ for f in _functions(methods) if _in_l2r(f.__module__)})
+
+
+def user_code(methods) -> dict[str, str]:
+    """{module: SHA-256 of its source} of each module outside l2r that defines one of
+    `methods`' functions (a user's method file), so that an edit there makes a new key. A
+    module without a file (a notebook's) counts by the source of those functions. Empty for
+    l2r's own methods."""
+    parts: dict[str, list[bytes]] = {}
+    for f in _functions(methods):
+        if _in_l2r(f.__module__):
+            continue
+        path = getattr(sys.modules.get(f.__module__), "__file__", None)
+        try:
+            source = pathlib.Path(path).read_bytes() if path else inspect.getsource(f).encode()
+        except (OSError, TypeError):  # No source to be had: the function's name stands in.
+            source = f.__qualname__.encode()
+        parts.setdefault(f.__module__, []).append(source)
+    return {m: hashlib.sha256(b"\0".join(p)).hexdigest() for m, p in sorted(parts.items())}
 
 
 def history_key(config, methods, start, data_digest: str) -> str:
     """Hash of everything a method's histories depend on: its name, the `params` and code of
     its per-phase `methods`, its starting networks, the data (`data_digest`: every task and
     the normalisation, by content), the seeds, the `task_b` group (its shared fields and the
-    method's own subgroup, see `METHOD_GROUPS`), the `readout` and `model` groups, and the
-    source of the modules the run executes (this one and the methods' own)."""
+    method's own subgroup), the `readout` and `model` groups, and the source of the modules the
+    run executes (this one and the methods' own, `user_code` included).
+
+    The subgroups that configure one method each are those the methods registered
+    (`l2r.methods.groups`, named after their method): a method's key holds its own only, so a
+    sweep of one baseline's hyper-parameter reuses the other methods' runs, and a new method
+    changes no existing key."""
     name = methods[0].name
+    others = set(groups.names()) - {name}
     task_b = {
         k: v
         for k, v in config.task_b.to_dict().items()
-        if k not in ("methods", "cache_dir") and (k not in METHOD_GROUPS or k == name)
+        if k not in ("methods", "cache_dir") and k not in others
     }
     params = [None if m.params is None else checkpoint.digest(m.params) for m in methods]
+    outside = user_code(methods)  # {} for l2r's methods, whose keys so stay as they were
     return keys.stage_key(
         method=name,
         params=params,
@@ -329,6 +371,7 @@ def history_key(config, methods, start, data_digest: str) -> str:
         readout=config.readout.to_dict(),
         model=config.model.to_dict(),
         code=keys.source_digest(__name__, *method_modules(methods)),
+        **({"user_code": outside} if outside else {}),
     )
 
 

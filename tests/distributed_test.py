@@ -179,9 +179,10 @@ def test_two_processes_share_one_global_array_and_process_0_writes(tmp_path):
     for r in reports:
         assert r["kind"] == "explicit" and r["shape"] == [4]
         assert r["total"] == (0 + 1 + 2 + 3) * 3  # Each process gave its own two rows.
-    for name in ("config.json", "results.json"):
-        with open(tmp_path / name) as f:
-            assert json.load(f) == {"pid": 0}, name
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f) == {"pid": 0}
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["pid"] == 0  # Process 0's, with the schema version added.
     assert os.listdir(tmp_path / "tb0") and not os.path.exists(tmp_path / "tb1")
 
 

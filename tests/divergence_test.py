@@ -12,9 +12,9 @@ import pytest
 from report_test import _read_events
 from smoke_setup import make_model
 
+from l2r import cl_metrics, compare, divergence, pretrain, report
 from l2r.cli import sweep
 from l2r.configs import fig1
-from l2r import cl_metrics, compare, divergence, pretrain, report
 from l2r.data import tasks
 from l2r.data.sources import Split
 from l2r.methods import make_sgd
@@ -193,13 +193,13 @@ def test_curves_figure_labels_and_lines():
     results = _results()
     fig = report.curves_figure(results, ["readout_A", "cka_A"], "Task A accuracy (%)")
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "sgd",
-        "ewc (2/4 diverged)",
-        "lwf (diverged)",
-        "hat (1/4 diverged)",
+        "SGD",
+        "EWC (2/4 diverged)",
+        "LwF (diverged)",
+        "HAT (1/4 diverged)",
     ]
     for ax, metric, scale in zip(fig.axes, ["readout_A", "cka_A"], [100, 1], strict=True):
-        lines = {line.get_label().split()[0]: line for line in ax.get_lines()}
+        lines = {line.get_label().split()[0].lower(): line for line in ax.get_lines()}
         assert list(lines) == ["sgd", "ewc", "hat"]  # A fully diverged method draws nothing.
         for method, line in lines.items():
             x = results["methods"][method][metric][KEPT[method]]

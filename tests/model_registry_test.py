@@ -84,3 +84,17 @@ def test_register_refuses_a_taken_name():
     with pytest.raises(ValueError, match="already registered to l2r.models.registry._resnet"):
         registry.register("resnet")(build_tiny_mlp)
     assert registry.register("test_mlp")(build_tiny_mlp) is build_tiny_mlp  # A re-run.
+
+
+def test_a_user_models_source_is_in_the_training_keys_and_l2rs_are_not():
+    """Editing one's own model file makes new pre-training (and so HAT, Rep, Task-B) keys;
+    the keys of l2r's models stay as they were."""
+    from l2r import pretrain
+    from l2r.configs import fig1
+
+    config = fig1.get_config("smoke")
+    assert registry.user_code(config.model) == {} and "model_code" not in pretrain.recipe(config)
+    config.model.name = "test_mlp"
+    ((module, sha),) = registry.user_code(config.model).items()
+    assert module == __name__ and len(sha) == 64
+    assert pretrain.recipe(config)["model_code"] == {module: sha}

@@ -26,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2r import configs, distributed
+from l2r import configs, distributed, tracking
 from l2r import workdir as workdir_lib
 from l2r.config_checks import ConfigError
 from l2r.data.sources import DataError
@@ -205,6 +205,7 @@ def run_main(argv):
             print(dry_run(config, workdir, pipeline, data))
             return
         with workdir_lib.locked(workdir, FLAGS.overwrite):
+            tracking.attach_log_file(workdir)  # Every log line from here on, in <workdir>/log.txt.
             pipeline.run(config, workdir, data)
     except (ConfigError, DataError, workdir_lib.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,11 +10,18 @@ import pathlib
 
 import ml_collections
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Offline copies of CIFAR-10 and Tiny-ImageNet live in the team's shared folder next to the
-# checkout; users point L2R_SHARED_DATA elsewhere or set `data.root` to an extracted copy.
-SHARED_DATA = pathlib.Path(os.environ.get("L2R_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# The offline presets read CIFAR-10 and Tiny-ImageNet from folders in the cache dir, which
+# `python -m l2r.data.prepare` builds from the official archives. $L2R_DATA, when set, names a
+# folder of ready-made copies (cifar10-jpeg.tar.gz, tiny-imagenet-200-first100.tar.gz) to extract
+# there instead; `--config.data.root` / `--config.data.archive` override both.
+DATA_ARCHIVES = os.environ.get("L2R_DATA", "")
 CACHE_DIR = pathlib.Path(os.environ.get("L2R_CACHE", pathlib.Path.home() / ".cache" / "l2r"))
+
+
+def offline_archive(name):
+    """$L2R_DATA/name, or "" when L2R_DATA is unset (then data.root must already exist)."""
+    return os.path.join(DATA_ARCHIVES, name) if DATA_ARCHIVES else ""
+
 
 CIFAR10_5A = ("airplane", "automobile", "bird", "cat", "deer")
 CIFAR10_5B = ("dog", "frog", "horse", "ship", "truck")
@@ -87,28 +94,13 @@ def readout_config():
 
 
 def baselines_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Hyper-parameters of the §4 baselines, as fields of the `task_b` group `c`."""
-    c.lwf = ml_collections.ConfigDict()
-    c.lwf.coef = 1.0  # §4: distillation coefficient 1.0.
-    c.lwf.temperature = 2.0  # Li & Hoiem 2016: T = 2.
-    c.ewc = ml_collections.ConfigDict()
-    c.ewc.coef = 1.0  # §4: coefficient 1.0.
-    c.ewc.fisher = "empirical"  # empirical (labels of A) | true (labels sampled from the model)
-    c.ewc.fisher_examples = 1024  # Task-A training examples the diagonal Fisher averages over.
-    c.hat = ml_collections.ConfigDict()
-    c.hat.s_max = 3.0  # §4: s_max 3.0 (Serrà et al. 2018 default: 400).
-    c.hat.reg = 0.75  # §4: attention regulariser λ = 0.75.
-    c.hat.clip_embedding = 6.0  # Serrà et al.: embeddings clamped to [-6, 6].
-    c.oml = ml_collections.ConfigDict()
-    c.oml.inner_steps = 10  # §4: 10 SGD steps of the linear readout on B support batches.
-    c.oml.inner_lr = 0.1  # Readout SGD step in the inner loop.
-    c.oml.outer_lr = 1e-4  # Adam on the backbone, from the query loss through the unroll.
-    c.oml.outer_steps = 500  # Meta-training steps of the backbone before Task B.
-    c.oml.support_batch = 16  # Examples per inner step.
-    c.oml.query_batch = 64  # Query examples (Task-B meta-training classes and Task A).
-    c.rep = ml_collections.ConfigDict()
-    c.rep.steps = 0  # Extra pre-training steps on A ∪ meta-training classes (0 = pretrain.steps).
-    return c
+    """Adds to the `task_b` group `c` the hyper-parameters of every registered method that has
+    its own (`task_b.lwf`, `ewc`, `hat`, `oml`, `rep`: §4; and those of methods a user has
+    registered before building the config), with the defaults each method registered
+    (`l2r.methods.registry.add_config_groups`)."""
+    from l2r.methods import registry  # Here: a config file imports no JAX until it is built.
+
+    return registry.add_config_groups(c)
 
 
 def pool_config(source="", classes=(), **data):

@@ -20,7 +20,7 @@ from l2r.configs import common, exp1
 PRESETS = ("cpu", "paper", "cifar_offline", "smoke")
 TINY_IMAGENET_32 = dict(
     root=str(common.CACHE_DIR / "tiny-imagenet-200"),
-    archive=str(common.SHARED_DATA / "tiny-imagenet-200-first100.tar.gz"),
+    archive=common.offline_archive("tiny-imagenet-200-first100.tar.gz"),
     image_size=32,
 )
 

@@ -52,7 +52,7 @@ def get_config(arg=None):
     elif preset == "cifar_offline":
         c.data.source = "image_folder"
         c.data.root = str(common.CACHE_DIR / "cifar10")
-        c.data.archive = str(common.SHARED_DATA / "cifar10-jpeg.tar.gz")
+        c.data.archive = common.offline_archive("cifar10-jpeg.tar.gz")
         c.data.classes_a, c.data.classes_b = common.CIFAR10_5A, common.CIFAR10_5B
         c.data.augment = True
         # Sized for a 2-core CPU (about an hour): ResNet-14 (the paper's Exp-5 net), shorter

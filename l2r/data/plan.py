@@ -28,7 +28,9 @@ def load_dataset(data: ml_collections.ConfigDict) -> sources.Dataset:
             raise sources.DataError(
                 f"data.root={data.root} does not exist and the archive to extract it from, "
                 f"data.archive={data.archive}, is missing. Point --config.data.root at an "
-                "extracted copy or --config.data.archive at the .tar.gz."
+                "extracted copy or --config.data.archive at the .tar.gz, or build the folder "
+                "from the official archive: python -m l2r.data.prepare "
+                "--cifar10_python=cifar-10-python.tar.gz (or --tiny_imagenet_zip=...)."
             )
         prepare.ensure_extracted(data.archive, os.path.dirname(os.path.abspath(data.root)))
     kwargs = dict(
@@ -38,8 +40,9 @@ def load_dataset(data: ml_collections.ConfigDict) -> sources.Dataset:
         data_dir=data.data_dir or None,
         download=data.download,
     )
-    if data.source == "synthetic":
-        kwargs.update(data.synthetic.to_dict())
+    options = data.get(data.source)  # A source's own options: data.synthetic, data.<mine>.
+    if isinstance(options, ml_collections.ConfigDict):
+        kwargs.update(options.to_dict())
     return sources.load(data.source, **kwargs)
 
 

@@ -226,7 +226,11 @@ def _load_image_folder(
     num_workers: int | None = None,
 ) -> Dataset:
     fix = "expected root/{train,test}/<class>/*.png|jpg; set --config.data.root"
-    root = _require_dir(root, "source='image_folder'", fix)
+    recipe = (
+        "; CIFAR-10's is built from the official archive by `python -m l2r.data.prepare "
+        "--cifar10_python=PATH/cifar-10-python.tar.gz` (into ~/.cache/l2r/cifar10 by default)"
+    )
+    root = _require_dir(root, "source='image_folder'", fix + recipe)
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
         raise DataError(f"No train/ folder in {root} ({fix}).")
@@ -271,8 +275,9 @@ def _load_tiny_imagenet(
     num_workers: int | None = None,
 ) -> Dataset:
     fix = (
-        "point root at the extracted tiny-imagenet-200 folder, e.g. via `python -m "
-        "l2r.data.prepare --tiny_imagenet_archive=PATH`"
+        "point root at the extracted tiny-imagenet-200 folder; `python -m l2r.data.prepare "
+        "--tiny_imagenet_zip=PATH/tiny-imagenet-200.zip` extracts the official archive into "
+        "~/.cache/l2r/tiny-imagenet-200 by default"
     )
     if root is None:
         default = os.path.join(cache_dir or default_cache_dir(), "tiny-imagenet-200")

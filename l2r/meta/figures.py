@@ -33,16 +33,22 @@ def delta_histograms(model, rule: Rule, network, data_b, idx_b, num_steps):
 
 
 def plot_meta(history, deltas, workdir) -> list[str]:
-    """Fig. 6 (threshold and T-BPTT steps against episodes) and Fig. 7 (δ per layer)."""
+    """Fig. 6 (threshold and T-BPTT steps against episodes) and Fig. 7 (δ per layer), each a
+    PNG with its PDF (`report.save_figure`); returns the PNGs' paths."""
     paths = []
-    fig = Figure(figsize=(6, 3.5))
+    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(history["episodes_done"], history["threshold"], label="loss threshold")
-    ax.set(xlabel="episodes", ylabel="loss threshold")
+    ax.plot(history["episodes_done"], history["threshold"], "C0", label="loss threshold")
+    ax.set(xlabel="meta-training episodes", ylabel="loss threshold",
+           title="Fig. 6: meta-training curriculum")  # fmt: skip
     ax2 = ax.twinx()
     ax2.plot(history["episodes_done"], history["tbptt"], "C1--", label="T-BPTT steps")
     ax2.set(ylabel="T-BPTT steps")
-    fig.legend(loc="lower right", fontsize="small")
+    ax2.set_ylim(bottom=0)  # From 0, so a constant length still gets whole-number ticks.
+    for axis in (ax.xaxis, ax2.yaxis):  # Episodes and truncation lengths are whole numbers.
+        report.integer_ticks(axis)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
     paths.append(report.save_figure(fig, os.path.join(workdir, "fig6_curriculum.png")))
     fig = Figure(figsize=(7, 0.35 * len(deltas) + 1.5))
     ax = fig.add_subplot()

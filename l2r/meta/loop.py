@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from l2r import checkpoint, keys, models, report, rng, training
+from l2r import checkpoint, keys, models, report, rng, tracking, training
 from l2r.meta import episodes as episodes_lib
 from l2r.meta import window as window_lib
 from l2r.meta.curriculum import curriculum, finished
@@ -31,6 +31,8 @@ BUDGET_FIELDS = ("max_windows", "max_minutes", "checkpoint_minutes", "episodes",
                  "shard_episodes", "episode_chunk")  # fmt: skip
 HISTORY = ("window", "episodes_done", "threshold", "tbptt", "loss", "restarts", "skipped",
            "seconds")  # fmt: skip
+# What each window streams to its writer (TensorBoard run `meta`), with the problem's metrics.
+STREAMED = ("loss", "threshold", "tbptt", "restarts", "skipped", "episodes_done", "seconds")
 
 
 class MetaRun:
@@ -196,7 +198,8 @@ def _restore_latest(manager: ocp.CheckpointManager, like: MetaState, ckpt_dir: s
 
 
 def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, episodes=None,
-               class_table=None, run: MetaRun | None = None):  # fmt: skip
+               class_table=None, run: MetaRun | None = None,
+               writer: tracking.MetricWriter = tracking.NOOP):  # fmt: skip
     """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
     windows, or `meta.max_minutes` of window time, compilation included: a wall-clock budget,
     so the number of windows it allows depends on the machine), resuming from the latest
@@ -208,6 +211,9 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
         unused when `episodes` or `run` is given.
       episodes: an `episodes.Problem` (e.g. `three_tasks.three_tasks(...)`); None: two tasks.
       run: a `MetaRun` built for the same problem and config, to reuse its compiled windows.
+      writer: where each window's loss, threshold, T-BPTT length, restarts, skipped episodes,
+        seconds and the problem's history metrics stream to, at its window number
+        (`tracking.writers(workdir)("meta")`).
 
     Returns:
       (run: its `ml` and `lr` make the learned rule, final MetaState, history {name: list}
@@ -250,6 +256,10 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
             checkpoint.write_manifest(os.path.join(ckpt_dir, str(int(state.window))))
 
         while not finished(cfg, int(state.window), int(state.episodes_done), history["seconds"]):
+            steps = curriculum(cfg, int(state.episodes_done))[1]  # The next window's length.
+            if steps not in run._windows:  # Its first call compiles it: minutes, at times.
+                which = "the first window" if not run._windows else "a longer window"
+                progress.compiling(f"{which} ({steps} T-BPTT steps)")
             t0 = time.monotonic()
             state, metrics, threshold, s = run.run_window(state)
             loss = float(metrics["loss"])
@@ -259,6 +269,7 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
                          ("seconds", time.monotonic() - t0),
                          *((name, float(metrics[name])) for name in extra)):  # fmt: skip
                 history[k].append(v)
+            writer.write_scalars(int(state.window), {k: history[k][-1] for k in STREAMED + extra})
             progress.update(int(state.episodes_done), window=int(state.window), loss=loss,
                             threshold=threshold, tbptt=s, restarts=int(state.restarts),
                             skipped=int(state.skipped))  # fmt: skip

@@ -11,13 +11,23 @@ a user adds a method from their own file:
 
 `context` carries what a method needs beyond the config: the meta-trained rule (`Rule`) for
 `learned`, the first task's class count for the three-task teacher.
+
+A method with hyper-parameters of its own registers them as its config group, with defaults:
+
+    @registry.register("mine", group=dict(coef=0.01))  # config.task_b.mine.coef
+    def build_mine(name, model, task_b, context):
+        return make_mine(model, task_b.learning_rate, task_b.mine.coef, name)
+
+Every experiment config gets the groups registered when it is built (`add_config_groups`, so
+`--config.task_b.mine.coef=0.1` works), and a method's cache key holds its own group and none
+of the others' (`l2r.task_b.history_key`), so a new method changes no existing key.
 """
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from l2r.methods import ewc, hat, learned, lwf, multitask, sgd
+from l2r.methods import ewc, groups, hat, learned, lwf, multitask, sgd
 from l2r.methods.base import Method
 from l2r.methods.learned import Rule
 
@@ -37,6 +47,7 @@ class Entry(NamedTuple):
     build: Builder
     sequence: SequenceBuilder | None  # None: one task after A only
     needs: str = ""  # "rule": a meta-trained rule; "meta_data": meta-training data (Rep, OML)
+    group: str = ""  # Its hyper-parameters' `task_b` subgroup ("" = none).
 
 
 _ENTRIES: dict[str, Entry] = {}
@@ -56,17 +67,45 @@ def on_later_tasks(build: Builder) -> SequenceBuilder:
     return sequence
 
 
-def register(name: str, *, pattern: str | None = None, sequence=on_later_tasks, needs: str = ""):
+def _where(f) -> str:
+    return f"{f.__module__}.{f.__qualname__}"
+
+
+def register(name: str, *, pattern: str | None = None, sequence=on_later_tasks, needs: str = "",
+             group: Mapping | None = None):  # fmt: skip
     """Registers the decorated builder under `name` (or every name matching the regex
-    `pattern`, shown as `name` in messages). `sequence`: `on_later_tasks` (the default, for
-    methods with no per-task state), a custom `SequenceBuilder`, or None (one task only)."""
+    `pattern`, shown as `name` in messages).
+
+    Args:
+      name: the method's name in `task_b.methods`.
+      pattern: a regex for a family of names (`sgd_x<factor>`); None: `name` only.
+      sequence: `on_later_tasks` (the default, for methods with no per-task state), a custom
+        `SequenceBuilder`, or None (one task after Task A only).
+      needs: "rule" (a meta-trained rule), "meta_data" (meta-training data) or "".
+      group: the method's hyper-parameters and their defaults (a dict or ConfigDict, nesting
+        allowed): the config group `task_b.<name>`. None: the method has none of its own.
+
+    Raises:
+      ValueError: `name` is taken by another function (re-running the same definition, as a
+        reloaded module or a notebook cell does, replaces it), or `group` is given for a
+        pattern or a name that is not a Python identifier.
+    """
+    if group is not None and (pattern is not None or not name.isidentifier()):
+        raise ValueError(f"Method {name!r}: only a single method named by an identifier can "
+                         "own a config group (task_b.<name>).")  # fmt: skip
 
     def decorator(build: Builder) -> Builder:
-        entry = Entry(build, sequence(build) if sequence is on_later_tasks else sequence, needs)
+        seq = sequence(build) if sequence is on_later_tasks else sequence
+        entry = Entry(build, seq, needs, "" if group is None else name)
+        old = _ENTRIES.get(name) or next((e for _, n, e in _PATTERNS if n == name), None)
+        if old is not None and _where(old.build) != _where(build):
+            raise ValueError(f"Method {name!r} is already registered to {_where(old.build)}.")
         if pattern is None:
             _ENTRIES[name] = entry
         else:
+            _PATTERNS[:] = [p for p in _PATTERNS if p[1] != name]
             _PATTERNS.append((re.compile(pattern + r"$"), name, entry))
+        groups.declare(name, group)
         return build
 
     return decorator
@@ -83,6 +122,9 @@ def names(sequences: bool = False) -> tuple[str, ...]:
     `sequences`, only those that can learn several tasks in turn."""
     found = [*_ENTRIES.items(), *((shown, e) for _, shown, e in _PATTERNS)]
     return tuple(n for n, e in found if e.sequence is not None or not sequences)
+
+
+add_config_groups = groups.add_config_groups  # Re-exported: the one place users look.
 
 
 def unknown(name: str) -> str:
@@ -160,7 +202,10 @@ def _lwf_sequence(name, model, task_b, context, num_tasks):
                  for head in _heads(num_tasks))  # fmt: skip
 
 
-@register("lwf", sequence=_lwf_sequence)
+@register("lwf", sequence=_lwf_sequence, group=dict(
+    coef=1.0,  # §4: distillation coefficient 1.0.
+    temperature=2.0,  # Li & Hoiem 2016: T = 2.
+))  # fmt: skip
 def _lwf(name, model, task_b, context):
     return lwf.make_lwf(model, task_b.learning_rate, task_b.lwf.coef, task_b.lwf.temperature, name)
 
@@ -172,7 +217,11 @@ def _ewc_sequence(name, model, task_b, context, num_tasks):
                  for head in _heads(num_tasks))  # fmt: skip
 
 
-@register("ewc", sequence=_ewc_sequence)
+@register("ewc", sequence=_ewc_sequence, group=dict(
+    coef=1.0,  # §4: coefficient 1.0.
+    fisher="empirical",  # empirical (labels of A) | true (labels sampled from the model)
+    fisher_examples=1024,  # Task-A training examples the diagonal Fisher averages over.
+))  # fmt: skip
 def _ewc(name, model, task_b, context):
     e = task_b.ewc
     return ewc.make_ewc(model, task_b.learning_rate, e.coef, e.fisher, e.fisher_examples, name)
@@ -185,20 +234,34 @@ def _hat_sequence(name, model, task_b, context, num_tasks):
                  for k, head in enumerate(_heads(num_tasks), 2))  # fmt: skip
 
 
-@register("hat", sequence=_hat_sequence)
+@register("hat", sequence=_hat_sequence, group=dict(
+    s_max=3.0,  # §4: s_max 3.0 (Serrà et al. 2018 default: 400).
+    reg=0.75,  # §4: attention regulariser λ = 0.75.
+    clip_embedding=6.0,  # Serrà et al.: embeddings clamped to [-6, 6].
+))  # fmt: skip
 def _hat(name, model, task_b, context):
     h = task_b.hat
     return hat.make_hat(model, task_b.learning_rate, h.s_max, h.reg, h.clip_embedding,
                         task_b.steps, name)  # fmt: skip
 
 
-# OML and Rep learn Task B by SGD from their own starting network (`compare.method_starts`).
-@register("oml", needs="meta_data")
+# OML and Rep learn Task B by SGD from their own starting network (`compare.method_starts`);
+# their groups configure how that network is made (`l2r.methods.oml`, `l2r.methods.rep`).
+@register("oml", needs="meta_data", group=dict(
+    inner_steps=10,  # §4: 10 SGD steps of the linear readout on B support batches.
+    inner_lr=0.1,  # Readout SGD step in the inner loop.
+    outer_lr=1e-4,  # Adam on the backbone, from the query loss through the unroll.
+    outer_steps=500,  # Meta-training steps of the backbone before Task B.
+    support_batch=16,  # Examples per inner step.
+    query_batch=64,  # Query examples (Task-B meta-training classes and Task A).
+))  # fmt: skip
 def _oml(name, model, task_b, context):
     return sgd.make_sgd(model, task_b.learning_rate, name)
 
 
-@register("rep", needs="meta_data")
+@register("rep", needs="meta_data", group=dict(
+    steps=0,  # Extra pre-training steps on A ∪ meta-training classes (0 = pretrain.steps).
+))  # fmt: skip
 def _rep(name, model, task_b, context):
     return sgd.make_sgd(model, task_b.learning_rate, name)
 

@@ -8,6 +8,10 @@ becomes `--config.model.name=mine` with
         return models.from_module("mine", MyNet(width=cfg.widths[-1]), cfg.widths[-1])
 """
 
+import hashlib
+import inspect
+import pathlib
+import sys
 from collections.abc import Callable
 
 import ml_collections
@@ -41,6 +45,21 @@ def register(name: str) -> Callable[[Builder], Builder]:
 def names() -> tuple[str, ...]:
     """The registered model names, built-ins first."""
     return tuple(_BUILDERS)
+
+
+def user_code(model_cfg: ml_collections.ConfigDict) -> dict[str, str]:
+    """{module: SHA-256 of its source} of a model registered from outside l2r (a user's file),
+    for the cache keys of the stages that train it: an edit there makes new keys. Empty for
+    l2r's own models, whose source the keys already hold."""
+    builder = _BUILDERS.get(model_cfg.name)
+    if builder is None or builder.__module__.partition(".")[0] == "l2r":
+        return {}
+    path = getattr(sys.modules.get(builder.__module__), "__file__", None)
+    try:  # A module without a file (a notebook's) counts by the builder's source.
+        source = pathlib.Path(path).read_bytes() if path else inspect.getsource(builder).encode()
+    except (OSError, TypeError):
+        source = builder.__qualname__.encode()
+    return {builder.__module__: hashlib.sha256(source).hexdigest()}
 
 
 def from_config(model_cfg: ml_collections.ConfigDict) -> models.Model:

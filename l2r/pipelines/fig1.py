@@ -13,7 +13,7 @@ import time
 import ml_collections
 from absl import logging
 
-from l2r import compare, config_checks, divergence, pretrain, report, task_b, training
+from l2r import compare, config_checks, divergence, pretrain, report, task_b, tracking, training
 from l2r.data import plan
 from l2r.methods import registry
 from l2r.models import registry as model_registry
@@ -39,21 +39,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     task_a, task_b_, mean, std = load(config) if data is None else data
     model = model_registry.from_config(config.model)
     t0 = time.time()
+    writers = tracking.writers(workdir)
+    stages = tracking.Stages(config.experiment, "pre-training", "Task B", "report")
+    stages.begin("pre-training")
     data_a = training.to_device(task_a, mean, std)
     pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
     starts, start_s = compare.method_starts(config, model, pretrained, data_a, None, workdir)
     methods = [registry.build(n, model, config.task_b) for n in config.task_b.methods]
+    stages.begin("Task B")
     compared = compare.compare(config, model, pretrained, [task_a, task_b_], mean, std, methods,
-                               starts, cache_dir=task_b.cache_dir(config, workdir))  # fmt: skip
+                               starts, cache_dir=task_b.cache_dir(config, workdir),
+                               writers=writers)  # fmt: skip
+    writers.close()
     results = {
         "experiment": config.experiment,
         "preset": config.preset,
         "config": config.to_dict(),
         **compared,
         "pretrain_test_accuracy": pre_acc,
+        "provenance": tracking.provenance(),
     }
     divergence.mark_divergence(results)  # Warns, and keeps diverged runs out of the means.
     results["timing"].update(pretrain_s=pretrain_s, starts_s=start_s, total_s=time.time() - t0)
+    stages.begin("report")
     paths = report.write_report(results, workdir, prefix="fig1")
     logging.info("Results at step %d:\n%s", results["steps"][-1], report.summary_table(results))
     logging.info("Wrote %s", ", ".join(paths.values()))

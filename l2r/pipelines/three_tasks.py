@@ -34,6 +34,7 @@ from l2r import (
     pretrain,
     report,
     task_b,
+    tracking,
     training,
 )
 from l2r.config_checks import require
@@ -99,27 +100,29 @@ def write_markdown(results, workdir) -> str:
 
 
 def plot_tasks(results, workdir, prefix="exp5") -> str:
-    """Fig. 5: readout accuracy on Tasks 1, 2 and 3 against steps, one panel per task."""
+    """Fig. 5: readout accuracy on Tasks 1, 2 and 3 against steps, one panel per task, styled
+    and labelled as `report.curves_figure` does; a PNG with its PDF, returns the PNG's path."""
     steps = np.asarray(results["steps"])
-    fig = Figure(figsize=(13, 3.8))
+    methods = list(results["methods"])
+    styles = report.method_styles(methods)
+    fig = Figure(figsize=(15, 3.8), layout="constrained")
     axes = fig.subplots(1, 3, sharex=True)
     dropped = divergence.dropped_rows(results)  # Diverged runs are left out of the means.
-    for k, (ax, metric) in enumerate(zip(axes, READOUT, strict=True), 1):
-        for i, (name, hist) in enumerate(results["methods"].items()):
+    handles = {}
+    for ax, metric in zip(axes, READOUT, strict=True):
+        for name, hist in results["methods"].items():
             n_runs, drop = divergence.num_runs(results, name), dropped.get(name, [])
-            label = divergence.figure_label(name, len(drop), n_runs)
+            label = report.legend_label(name, len(drop), n_runs)
             acc = 100 * divergence.kept(np.asarray(hist[metric], np.float64), drop)
-            if not len(acc):  # Every run diverged: a legend entry, no line.
-                ax.plot([], [], color=f"C{i}", ls=":", label=label)
-                continue
-            mean, std = acc.mean(0), acc.std(0, ddof=1 if len(acc) > 1 else 0)
-            ax.plot(steps, mean, color=f"C{i}", label=label)
-            ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.2, lw=0)
+            alpha = report.band_alpha(len(methods), name)
+            handles[name] = report.draw_mean_std(ax, steps, acc, styles[name], label, alpha)
         ax.axvline(results["switch_step"], color="k", lw=0.5, ls=":")
-        ax.set(title=f"Task {k} readout", xlabel="steps (Task 2, then Task 3)")
+        ax.set(title=report.metric_title(metric), xlabel="steps (Task 2, then Task 3)")
+        report.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="readout accuracy (%)")
-    axes[0].legend(fontsize="small")
+    fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],
+               loc="outside right center", fontsize="small")  # fmt: skip
     return report.save_figure(fig, os.path.join(workdir, f"{prefix}_tasks.png"))
 
 
@@ -139,6 +142,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     seq, mean, std = load(config) if data is None else data
     model = model_registry.from_config(config.model)
     t0 = time.time()
+    learn = "learned" in config.task_b.methods  # Baselines alone need no meta-training.
+    writers = tracking.writers(workdir)
+    stages = tracking.Stages(config.experiment, "pre-training", "meta-training" if learn else None,
+                             "meta-test", "report")  # fmt: skip
+    stages.begin("pre-training")
     data_1 = training.to_device(seq.task_1, mean, std)
     pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_1, workdir)
     train_nets, test_nets = compare.split_checkpoints(config, pretrained)
@@ -146,23 +154,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     t1 = time.time()
     pool = training.to_device(seq.meta_train, mean, std)
     rule, history = None, {}
-    if "learned" in config.task_b.methods:  # Baselines alone need no meta-training.
+    if learn:
+        stages.begin("meta-training")
         episodes = three_tasks.three_tasks(config, model, train_nets, data_1, pool,
                                            seq.pair_table)  # fmt: skip
         run, state, history = loop.meta_train(config, model, train_nets, data_1, pool,
-                                              os.path.join(workdir, "meta"), episodes)  # fmt: skip
+                                              os.path.join(workdir, "meta"), episodes,
+                                              writer=writers("meta"))  # fmt: skip
         # The meta-test runs in every process on its own devices.
         rule = Rule(run.ml, distributed.local_copy(state.theta), run.lr)
     meta_s = time.time() - t1
+    stages.begin("meta-test")
     starts, start_s = compare.method_starts(config, model, test_nets, data_1, pool, workdir,
                                             config.pools.n_way)  # fmt: skip
     context = registry.Context(rule=rule, num_classes_1=seq.task_1.num_classes)
     methods = [registry.build_sequence(n, model, config.task_b, 2, context)
                for n in config.task_b.methods]  # fmt: skip
     parts, cache = [], task_b.cache_dir(config, workdir)
-    for task_2, task_3 in seq.meta_test:
+    for i, (task_2, task_3) in enumerate(seq.meta_test):  # Several pairs: a TensorBoard run each.
+        prefix = "task_b" if len(seq.meta_test) == 1 else f"task_b/test{i}"
         parts.append(compare.compare(config, model, test_nets, [seq.task_1, task_2, task_3], mean,
-                                     std, methods, starts, cache_dir=cache))  # fmt: skip
+                                     std, methods, starts, cache_dir=cache, writers=writers,
+                                     run_prefix=prefix))  # fmt: skip
+    writers.close()
     compared = compare.merge_runs(parts)
     results = {
         "experiment": config.experiment,
@@ -179,11 +193,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
         "pretrain_test_accuracy": pre_acc,
         "meta": {k: list(v) for k, v in history.items()},
         "meta_test_tasks": [[list(t.class_names) for t in pair] for pair in seq.meta_test],
+        "provenance": tracking.provenance(),
     }
     divergence.mark_divergence(results)  # Warns, and keeps diverged runs out of the means.
     results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, starts_s=start_s,
                              total_s=time.time() - t0)  # fmt: skip
+    stages.begin("report")
     paths = {"markdown": write_markdown(results, workdir),
+             "csv": report.write_csv(results, workdir),
              "exp5_tasks": plot_tasks(results, workdir, prefix=config.experiment)}  # fmt: skip
     report.write_curves_to_tensorboard(results, os.path.join(workdir, "tb"))
     if rule is not None:

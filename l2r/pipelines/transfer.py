@@ -20,7 +20,17 @@ import time
 import ml_collections
 from absl import logging
 
-from l2r import compare, config_checks, distributed, divergence, pretrain, report, task_b, training
+from l2r import (
+    compare,
+    config_checks,
+    distributed,
+    divergence,
+    pretrain,
+    report,
+    task_b,
+    tracking,
+    training,
+)
 from l2r.config_checks import require
 from l2r.data import plan
 from l2r.meta import figures, loop
@@ -65,6 +75,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     task_a, meta_plan, mean, std = load(config) if data is None else data
     model = model_registry.from_config(config.model)
     t0 = time.time()
+    learn = "learned" in config.task_b.methods  # Baselines alone need no meta-training.
+    writers = tracking.writers(workdir)
+    stages = tracking.Stages(config.experiment, "pre-training", "meta-training" if learn else None,
+                             "meta-test", "report")  # fmt: skip
+    stages.begin("pre-training")
     data_a = training.to_device(task_a, mean, std)
     pretrained, pre_acc, pretrain_s = pretrain.pretrained_networks(config, model, data_a, workdir)
 
@@ -72,22 +87,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     t1 = time.time()
     data_meta = training.to_device(meta_plan.meta_train, mean, std)
     rule, history = None, {}
-    if "learned" in config.task_b.methods:  # Baselines alone need no meta-training.
+    if learn:
+        stages.begin("meta-training")
         run, state, history = loop.meta_train(config, model, train_nets, data_a, data_meta,
                                               os.path.join(workdir, "meta"),
-                                              class_table=meta_plan.class_table)  # fmt: skip
+                                              class_table=meta_plan.class_table,
+                                              writer=writers("meta"))  # fmt: skip
         # The meta-test runs in every process on its own devices.
         rule = Rule(run.ml, distributed.local_copy(state.theta), run.lr)
     meta_s = time.time() - t1
+    stages.begin("meta-test")
     n_way = config.pools.n_way if "pools" in config else None
     starts, start_s = compare.method_starts(config, model, test_nets, data_a, data_meta, workdir,
                                             n_way)  # fmt: skip
     context = registry.Context(rule=rule)
     methods = [registry.build(n, model, config.task_b, context) for n in config.task_b.methods]
     parts, cache = [], task_b.cache_dir(config, workdir)
-    for task in meta_plan.meta_test:
+    for i, task in enumerate(meta_plan.meta_test):  # Several tasks: a TensorBoard run each.
+        prefix = "task_b" if len(meta_plan.meta_test) == 1 else f"task_b/test{i}"
         parts.append(compare.compare(config, model, test_nets, [task_a, task], mean, std, methods,
-                                     starts, cache_dir=cache))  # fmt: skip
+                                     starts, cache_dir=cache, writers=writers,
+                                     run_prefix=prefix))  # fmt: skip
+    writers.close()
     compared = compare.merge_runs(parts)
     results = {
         "experiment": config.experiment,
@@ -96,10 +117,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
         **compared,
         "pretrain_test_accuracy": pre_acc,
         "meta": {k: list(v) for k, v in history.items()},
+        "provenance": tracking.provenance(),
     }
     divergence.mark_divergence(results)  # Warns, and keeps diverged runs out of the means.
     results["timing"].update(pretrain_s=pretrain_s, meta_train_s=meta_s, starts_s=start_s,
                              total_s=time.time() - t0)  # fmt: skip
+    stages.begin("report")
     if "pools" in config:
         results["meta_test_tasks"] = [list(t.class_names) for t in meta_plan.meta_test]
     paths = report.write_artefacts(results, workdir, prefix=config.experiment)
