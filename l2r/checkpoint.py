@@ -91,7 +91,7 @@ def verify_manifest(folder: str) -> None:
         with open(path, "rb") as f:
             expected = json.loads(f.read().decode())
     except (OSError, ValueError) as e:
-        raise DamagedCheckpoint(f"{path} cannot be read ({_first_line(e)})") from e
+        raise DamagedCheckpoint(f"{path} cannot be read ({describe_error(e)})") from e
     check_files(folder, expected)
 
 
@@ -154,14 +154,15 @@ def restore(path: str, like=None):
     except DamagedCheckpoint:
         raise
     except Exception as e:  # Orbax and TensorStore raise many types, some bare Exception.
-        raise DamagedCheckpoint(f"{path} cannot be read ({_first_line(e)})") from e
+        raise DamagedCheckpoint(f"{path} cannot be read ({describe_error(e)})") from e
     expected = meta.pop(DIGEST_KEY, None)
     if expected is not None and digest(tree) != expected:
         raise DamagedCheckpoint(f"{path} holds other arrays than were saved (digest mismatch)")
     return tree, meta
 
 
-def _first_line(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """`e` in one short line, for a warning or a message: "Type: its first line"."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
 

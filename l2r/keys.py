@@ -13,8 +13,10 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import pathlib
+import sys
 
 _ROOT = pathlib.Path(__file__).resolve().parent  # .../l2r
 _PACKAGE = _ROOT.name
@@ -78,6 +80,24 @@ def source_digest(*names: str) -> str:
     for module in modules_read(*names):
         h.update(module.encode() + b"\0" + _module_path(module).read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def user_sources(functions) -> dict[str, str]:
+    """{module: SHA-256 of its source} of each module outside l2r that defines one of
+    `functions` (a user's method or model file), for the keys of the stages that run them: an
+    edit there makes a new key (l2r's own sources are in `source_digest`). A module without a
+    file (a notebook's) counts by the source of those functions."""
+    parts: dict[str, list[bytes]] = {}
+    for f in functions:
+        if f.__module__.partition(".")[0] == "l2r":
+            continue
+        path = getattr(sys.modules.get(f.__module__), "__file__", None)
+        try:
+            source = pathlib.Path(path).read_bytes() if path else inspect.getsource(f).encode()
+        except (OSError, TypeError):  # No source to be had: the function's name stands in.
+            source = f.__qualname__.encode()
+        parts.setdefault(f.__module__, []).append(source)
+    return {m: hashlib.sha256(b"\0".join(p)).hexdigest() for m, p in sorted(parts.items())}
 
 
 def stage_key(**parts) -> str:

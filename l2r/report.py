@@ -1,4 +1,4 @@
-"""Reporting: turns an experiment's results dict into JSON, CSV, markdown, plots (PNG and PDF)
+"""Reporting: turns an experiment's results dict into JSON, CSV, markdown, figures (`l2r.plots`)
 and TensorBoard.
 
 The runner produces a results dict (see `write_report`) whose per-method metrics are arrays of
@@ -11,18 +11,13 @@ import io
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 
-import matplotlib
 import numpy as np
 from absl import logging
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
-from l2r import cl_metrics, distributed, divergence
+from l2r import cl_metrics, distributed, divergence, tracking
 from l2r import workdir as workdir_lib
 
 # Metrics with these prefixes are accuracies in [0, 1], displayed in percent.
@@ -32,53 +27,16 @@ _PERCENT_PREFIXES = ("readout_", "original_")
 # raised when a field is renamed or changes meaning (adding a field does not raise it).
 RESULTS_SCHEMA = 1
 CSV_FILE = "results.csv"
+PROBE_KINDS = ("readout", "original", "cka")  # Probe metrics are named <kind>_<task>.
 CSV_COLUMNS = ("experiment", "preset", "method", "seed", "step", "task", "metric", "value",
                "diverged")  # fmt: skip
-
-LEARNED = "learned"  # The meta-learned rule: set apart in every figure.
-_DISPLAY_NAMES = {
-    "sgd": "SGD",
-    "teacher": "multi-task teacher",
-    LEARNED: "learned rule (ours)",
-    "lwf": "LwF",
-    "ewc": "EWC",
-    "hat": "HAT",
-    "oml": "OML",
-    "rep": "Rep",
-}
-# Probe metrics are named <kind>_<task> (readout_A, original_2, cka_1); the rest (loss) are not.
-_METRIC_TITLES = {
-    "readout": "Task {} readout accuracy",
-    "original": "Task {} original head",
-    "cka": "CKA to the pre-trained network, Task {}",
-}
-_LOSS_TITLE = "Task-B training loss"
-
-
-def display_name(method: str) -> str:
-    """How figures name `method`: "sgd" -> "SGD", "sgd_x0.1" -> "SGD (lr ×0.1)", "learned" ->
-    "learned rule (ours)", "lwf" -> "LwF", ...; an unknown name comes back unchanged."""
-    if method in _DISPLAY_NAMES:
-        return _DISPLAY_NAMES[method]
-    scaled = re.fullmatch(r"sgd_x(\d+(?:\.\d*)?|\.\d+)", method)
-    return f"SGD (lr ×{scaled.group(1)})" if scaled else method
 
 
 def split_metric(metric: str) -> tuple[str, str]:
     """(kind, task) of a metric name: "readout_A" -> ("readout", "A"), "cka_1" -> ("cka", "1"),
     "loss" -> ("loss", ""); a name that is not <probe kind>_<task> is its own kind, task ""."""
     kind, sep, task = metric.partition("_")
-    return (kind, task) if sep and task and kind in _METRIC_TITLES else (metric, "")
-
-
-def metric_title(metric: str) -> str:
-    """A panel title for `metric`: "readout_A" -> "Task A readout accuracy", "original_A" ->
-    "Task A original head", "cka_A" -> "CKA to the pre-trained network, Task A"; an unknown
-    name comes back unchanged."""
-    kind, task = split_metric(metric)
-    if task:
-        return _METRIC_TITLES[kind].format(task)
-    return _LOSS_TITLE if metric == "loss" else metric
+    return (kind, task) if sep and task and kind in PROBE_KINDS else (metric, "")
 
 
 def to_jsonable(obj):
@@ -132,23 +90,23 @@ def _metric(results, method: str, name: str) -> np.ndarray:
     return np.atleast_2d(np.asarray(results["methods"][method][name], dtype=np.float64))
 
 
-def _kept_metric(results, method: str, name: str, dropped: dict) -> np.ndarray:
+def kept_metric(results, method: str, name: str, dropped: dict) -> np.ndarray:
     """`_metric` over the runs that did not diverge; `dropped`: `divergence.dropped_rows`."""
     return divergence.kept(_metric(results, method, name), dropped.get(method, []))
 
 
-def _label(results, method: str, dropped: dict, label: Callable) -> str:
+def method_label(results, method: str, dropped: dict, label: Callable) -> str:
     """`method` as `label` (`divergence.table_label` or `legend_label`) names it."""
     return label(method, len(dropped.get(method, [])), divergence.num_runs(results, method))
 
 
-def _mean_std(x_SxP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mean_std(x_SxP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and sample std (ddof=1; 0 with a single seed) over the seed axis."""
     ddof = 1 if x_SxP.shape[0] > 1 else 0
     return x_SxP.mean(axis=0), x_SxP.std(axis=0, ddof=ddof)
 
 
-def _is_percent(metric: str) -> bool:
+def is_percent(metric: str) -> bool:
     return metric.startswith(_PERCENT_PREFIXES)
 
 
@@ -160,11 +118,11 @@ def _cell(x_Sx1: np.ndarray, percent: bool) -> str:
     """Mean ± std of one probe step's values over the kept runs; "diverged" when none is left."""
     if not x_Sx1.shape[0]:
         return "diverged"
-    mean, std = _mean_std(x_Sx1)
+    mean, std = mean_std(x_Sx1)
     return _fmt(mean[0], std[0], percent)
 
 
-def _metric_names(results) -> list[str]:
+def metric_names(results) -> list[str]:
     """All metric names over all methods, in first-seen order."""
     names = {}
     for metrics in results["methods"].values():
@@ -196,29 +154,29 @@ def summary_table(results, step=None) -> str:
     the method cell says how many; a method whose every run diverged reads "diverged".
     """
     p = _step_index(results, step)
-    metrics = _metric_names(results)
+    metrics = metric_names(results)
     derived = [
         (m, f)
         for m, f in [("readout_A", "forgetting_A"), ("original_A", "forgetting_orig_A")]
         if m in metrics
     ]
-    header = ["method"] + [f"{m} (%)" if _is_percent(m) else m for m in metrics]
+    header = ["method"] + [f"{m} (%)" if is_percent(m) else m for m in metrics]
     header += [f"{f} (pts)" for _, f in derived]
     dropped = divergence.dropped_rows(results)
     rows = []
     for method, values in results["methods"].items():
-        row = [_label(results, method, dropped, divergence.table_label)]
+        row = [method_label(results, method, dropped, divergence.table_label)]
         for m in metrics:
             if m not in values:
                 row.append("—")
                 continue
-            x = _kept_metric(results, method, m, dropped)
-            row.append(_cell(x[:, p : p + 1], _is_percent(m)))
+            x = kept_metric(results, method, m, dropped)
+            row.append(_cell(x[:, p : p + 1], is_percent(m)))
         for m, _ in derived:
             if m not in values:
                 row.append("—")
                 continue
-            x = _kept_metric(results, method, m, dropped)
+            x = kept_metric(results, method, m, dropped)
             row.append(_cell(x[:, :1] - x[:, p : p + 1], percent=True))
         rows.append(row)
     n_seeds = len(results.get("seeds", []))
@@ -235,13 +193,13 @@ def curves_table(results, metric: str) -> str:
     the runs that did not diverge (the column header says how many did; see `summary_table`)."""
     methods = [m for m, v in results["methods"].items() if metric in v]
     dropped = divergence.dropped_rows(results)
-    runs = [_kept_metric(results, m, metric, dropped) for m in methods]
+    runs = [kept_metric(results, m, metric, dropped) for m in methods]
     rows = [
-        [str(s)] + [_cell(x[:, i : i + 1], _is_percent(metric)) for x in runs]
+        [str(s)] + [_cell(x[:, i : i + 1], is_percent(metric)) for x in runs]
         for i, s in enumerate(results["steps"])
     ]
-    header = ["step"] + [_label(results, m, dropped, divergence.table_label) for m in methods]
-    unit = " (%)" if _is_percent(metric) else ""
+    header = ["step"] + [method_label(results, m, dropped, divergence.table_label) for m in methods]
+    unit = " (%)" if is_percent(metric) else ""
     return f"**{metric}{unit}**\n\n" + _table(header, rows)
 
 
@@ -259,13 +217,13 @@ def write_markdown(results, workdir, title=None) -> str:
     if gone:
         parts.append("**Diverged**, left out of every mean ± std below: " + "; ".join(gone) + ".")
     parts += ["## Summary", summary_table(results)]
-    if all(m in _metric_names(results) for m in cl_metrics.READOUT):
+    if all(m in metric_names(results) for m in cl_metrics.READOUT):
         parts += [
             "## Continual-learning view (readout accuracy; rows: before / after Task B)",
             cl_metrics.markdown_table(results),
         ]
     parts.append("## Curves")
-    metrics = _metric_names(results)
+    metrics = metric_names(results)
     parts += [
         curves_table(results, m) for m in ("readout_A", "original_A", "readout_B") if m in metrics
     ]
@@ -345,160 +303,6 @@ def load_results(path) -> list[dict]:
         ]  # fmt: skip
 
 
-def save_figure(fig: Figure, path: str) -> str:
-    """Writes `fig` to `path` as a PNG and beside it as a PDF (`pdf_path`), both atomically, and
-    returns the PNG's path. The PDF (vector, for papers) carries no creation date, so the same
-    figure gives the same bytes."""
-    if not distributed.is_main():  # Only process 0 writes: no need to render.
-        return os.fspath(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
-    write_atomic(pdf_path(path), buf.getvalue())
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    return write_atomic(path, buf.getvalue())
-
-
-def pdf_path(png_path: str) -> str:
-    """Where `save_figure` writes the PDF of the figure at `png_path`: the same stem, `.pdf`."""
-    return os.path.splitext(os.fspath(png_path))[0] + ".pdf"
-
-
-def method_styles(methods) -> dict[str, dict]:
-    """The line style of each of `methods` in a figure, as `Axes.plot` keywords: colours by
-    position among the baselines (tab10; tab20 past ten), and the learned rule set apart in
-    black, thicker and drawn above them."""
-    baselines = [m for m in methods if m != LEARNED]
-    palette = matplotlib.colormaps["tab10" if len(baselines) <= 10 else "tab20"].colors
-    styles = {m: {"color": palette[i % len(palette)], "lw": 1.5, "zorder": 2}
-              for i, m in enumerate(baselines)}  # fmt: skip
-    styles[LEARNED] = {"color": "black", "lw": 2.8, "zorder": 3}
-    return {m: styles[m] for m in methods}
-
-
-def band_alpha(num_methods: int, method: str = "") -> float:
-    """The opacity of `method`'s ± std band among `num_methods`: lighter when more than four
-    overlap, and half as opaque for the learned rule, whose black band would hide the others."""
-    alpha = 0.15 if num_methods <= 4 else 0.07
-    return alpha / 2 if method == LEARNED else alpha
-
-
-def integer_ticks(axis) -> None:
-    """Ticks `axis` (steps, episodes) at whole numbers only, at multiples of 1, 2 or 5 × 10^k."""
-    axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
-
-
-def draw_mean_std(ax, steps, x_SxP: np.ndarray, style: dict, label: str, alpha: float) -> Line2D:
-    """Draws the mean over the rows of `x_SxP` against `steps` with a ± std band (`_mean_std`)
-    and returns the line; with no row left (every run diverged) it draws nothing and returns a
-    dotted legend entry."""
-    if not x_SxP.shape[0]:
-        return Line2D([], [], color=style["color"], ls=":", label=label)
-    mean, std = _mean_std(x_SxP)
-    (line,) = ax.plot(steps, mean, label=label, **style)
-    ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=alpha, lw=0,
-                    zorder=style["zorder"] - 1)  # fmt: skip
-    return line
-
-
-def curves_figure(results, metrics: list[str], ylabel: str) -> Figure:
-    """One panel per metric of `metrics` (vs Task-B steps, sharing the y axis, titled by
-    `metric_title`): one line per method with its mean over seeds, shaded ± std, and one legend
-    beside the panels naming each method by `display_name`. Styles come from `method_styles`
-    (a method keeps its colour across panels; the learned rule stands out). Diverged runs
-    (`l2r.divergence`) are left out: the legend says "EWC (1/3 diverged)", or "EWC (diverged)"
-    for a method with no run left, which gets a legend entry but no line."""
-    steps = np.asarray(results["steps"])
-    methods = list(results["methods"])
-    styles = method_styles(methods)
-    fig = Figure(figsize=(4.5 * len(metrics) + 2.0, 4), layout="constrained")
-    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
-    dropped = divergence.dropped_rows(results)
-    lines = {}
-    for ax, metric in zip(axes, metrics, strict=True):
-        scale = 100.0 if _is_percent(metric) else 1.0
-        for method in methods:
-            if metric not in results["methods"][method]:
-                continue
-            label = _label(results, method, dropped, legend_label)
-            x = scale * _kept_metric(results, method, metric, dropped)
-            alpha = band_alpha(len(methods), method)
-            line = draw_mean_std(ax, steps, x, styles[method], label, alpha)
-            if line.axes is not None or method not in lines:
-                lines[method] = line
-        ax.set(xlabel="Task B steps", title=metric_title(metric))
-        integer_ticks(ax.xaxis)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(ylabel)
-    n_seeds = len(results["seeds"])
-    fig.suptitle(f"{results.get('experiment', '')}: mean ± std over {n_seeds} seeds")
-    handles = [lines[m] for m in methods if m in lines]  # Display order, whatever the panels.
-    fig.legend(handles, [h.get_label() for h in handles], loc="outside right center",
-               fontsize="small")  # fmt: skip
-    return fig
-
-
-def legend_label(method: str, num_dropped: int, num_runs: int) -> str:
-    """A method's legend label: its `display_name` and, from `divergence.figure_label`, how many
-    of its runs diverged ("EWC (1/3 diverged)")."""
-    return divergence.figure_label(display_name(method), num_dropped, num_runs)
-
-
-def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
-    """Plots Fig.-1-style curves (`curves_figure`) as PNGs, each with its PDF (`save_figure`):
-    `{prefix}_task_A.png` and `{prefix}_task_B.png` (a Readout and an Original panel) and, when
-    cka_* metrics exist, `{prefix}_cka.png`; returns the PNGs' paths. Uses `Figure` directly
-    (Agg canvas, no pyplot state), so it is safe headless and in threads."""
-    os.makedirs(workdir, exist_ok=True)
-    metrics = _metric_names(results)
-    figures = {
-        "task_A": (["readout_A", "original_A"], "Task A accuracy (%)"),
-        "task_B": (["readout_B", "original_B"], "Task B accuracy (%)"),
-        "cka": ([m for m in metrics if m.startswith("cka_")], "CKA to the pre-trained network"),
-    }
-    paths = []
-    for name, (wanted, ylabel) in figures.items():
-        present = [m for m in wanted if m in metrics]
-        if present:
-            fig = curves_figure(results, present, ylabel)
-            paths.append(save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
-    return paths
-
-
-class ScalarWriter:
-    """Writes TensorBoard scalars with tensorboardX; usable as a context manager.
-
-    Outside process 0 of a multi-process run it writes nothing (and creates no event file).
-    """
-
-    def __init__(self, logdir):
-        self._writer = None
-        if distributed.is_main():
-            from tensorboardX import SummaryWriter  # Lazy: only runs that log pay the import.
-
-            self._writer = SummaryWriter(logdir=os.fspath(logdir))
-
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        if self._writer is None:
-            return
-        for tag, value in scalars.items():
-            self._writer.add_scalar(tag, float(value), global_step=int(step))
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def write_curves_to_tensorboard(results, logdir) -> None:
     """Logs the seed-mean of every method/metric at each probe step, tagged `<method>/<metric>`,
     over the runs that did not diverge (`l2r.divergence`); a method with none is not logged."""
@@ -506,13 +310,18 @@ def write_curves_to_tensorboard(results, logdir) -> None:
     means = {}
     for method, values in results["methods"].items():
         for metric in values:
-            x = _kept_metric(results, method, metric, dropped)
+            x = kept_metric(results, method, metric, dropped)
             if x.shape[0]:
-                means[f"{method}/{metric}"] = _mean_std(x)[0]
-    with ScalarWriter(logdir) as writer:
+                means[f"{method}/{metric}"] = mean_std(x)[0]
+    if not distributed.is_main():  # Process 0 writes.
+        return
+    # Undefined points (the loss before any step) are left out by the writer, not logged NaN.
+    writer = tracking.TensorBoardWriter(os.fspath(logdir))
+    try:
         for i, step in enumerate(results["steps"]):
-            # Undefined points (the training loss before any step) are left out, not logged NaN.
-            writer.write(step, {t: m[i] for t, m in means.items() if np.isfinite(m[i])})
+            writer.write_scalars(step, {t: m[i] for t, m in means.items()})
+    finally:
+        writer.close()
 
 
 def _format_duration(seconds: float) -> str:
@@ -589,9 +398,11 @@ def write_artefacts(results, workdir, prefix: str = "fig1") -> dict[str, str]:
     `_pdf` (its PDF)."""
     os.makedirs(workdir, exist_ok=True)
     artefacts = {"markdown": write_markdown(results, workdir), "csv": write_csv(results, workdir)}
-    for path in plot_curves(results, workdir, prefix=prefix):
+    from l2r import plots  # Here: matplotlib loads only when figures are drawn.
+
+    for path in plots.plot_curves(results, workdir, prefix=prefix):
         stem = os.path.splitext(os.path.basename(path))[0]
-        artefacts[stem], artefacts[f"{stem}_pdf"] = path, pdf_path(path)
+        artefacts[stem], artefacts[f"{stem}_pdf"] = path, plots.pdf_path(path)
     tb_dir = os.path.join(os.fspath(workdir), "tb")
     write_curves_to_tensorboard(results, tb_dir)
     artefacts["tensorboard"] = tb_dir

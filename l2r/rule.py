@@ -169,9 +169,8 @@ def load_rule(
         try:
             theta = _restore_theta(os.path.join(run, str(step)))
         except Exception as e:  # Orbax and TensorStore raise many types, some bare Exception.
-            lines = str(e).strip().splitlines()
-            logging.warning("Damaged meta-training checkpoint %s/%d passed over: %s: %s.", run,
-                            step, type(e).__name__, lines[0][:200] if lines else "")  # fmt: skip
+            logging.warning("Damaged meta-training checkpoint %s/%d passed over: %s.", run, step,
+                            checkpoint.describe_error(e))  # fmt: skip
             continue
         ml = _metalearner(config, model, input_shape, _shapes(theta))
         logging.info("Learned rule loaded from %s/%d.", run, step)

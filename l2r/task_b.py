@@ -15,11 +15,7 @@ method and adding a method to a finished one costs only that method.
 
 import contextlib
 import functools
-import hashlib
-import inspect
 import os
-import pathlib
-import sys
 import time
 import zipfile
 from typing import NamedTuple
@@ -322,21 +318,8 @@ def method_modules(methods) -> list[str]:
 
 
 def user_code(methods) -> dict[str, str]:
-    """{module: SHA-256 of its source} of each module outside l2r that defines one of
-    `methods`' functions (a user's method file), so that an edit there makes a new key. A
-    module without a file (a notebook's) counts by the source of those functions. Empty for
-    l2r's own methods."""
-    parts: dict[str, list[bytes]] = {}
-    for f in _functions(methods):
-        if _in_l2r(f.__module__):
-            continue
-        path = getattr(sys.modules.get(f.__module__), "__file__", None)
-        try:
-            source = pathlib.Path(path).read_bytes() if path else inspect.getsource(f).encode()
-        except (OSError, TypeError):  # No source to be had: the function's name stands in.
-            source = f.__qualname__.encode()
-        parts.setdefault(f.__module__, []).append(source)
-    return {m: hashlib.sha256(b"\0".join(p)).hexdigest() for m, p in sorted(parts.items())}
+    """`keys.user_sources` of `methods`' functions: {} for l2r's own methods."""
+    return keys.user_sources(_functions(methods))
 
 
 def history_key(config, methods, start, data_digest: str) -> str:
@@ -406,9 +389,8 @@ def _read_history(path: str):
         if checkpoint.digest([history[k] for k in sorted(history)]) != expected:
             raise ValueError("its histories differ from those saved (digest mismatch)")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        lines = str(e).strip().splitlines()
-        logging.warning("Damaged Task-B cache %s, recomputed: %s: %s.", path, type(e).__name__,
-                        lines[0][:200] if lines else "")  # fmt: skip
+        logging.warning("Damaged Task-B cache %s, recomputed: %s.", path,
+                        checkpoint.describe_error(e))  # fmt: skip
         if distributed.is_main():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

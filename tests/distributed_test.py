@@ -124,7 +124,7 @@ def test_host_local_to_global_single_process():
 WORKER = textwrap.dedent("""
     import json, os, sys
     import jax, numpy as np
-    from l2r import distributed, report, workdir
+    from l2r import distributed, report, tracking, workdir
     distributed.simulated_cpu_devices(2)
     launch = distributed.initialize()
     path = sys.argv[1]
@@ -136,8 +136,8 @@ WORKER = textwrap.dedent("""
         total = jax.jit(lambda t: t["x"].sum() * t["w"].sum())(g)
         workdir.write_json_atomic(os.path.join(path, "config.json"), {"pid": pid})
         report.write_results_json({"pid": pid}, path)
-        with report.ScalarWriter(os.path.join(path, f"tb{pid}")) as writer:
-            writer.write(0, {"x": 1.0})
+        with tracking.writers(path, log=False) as runs:
+            runs(f"tb{pid}").write_scalars(0, {"x": 1.0})
         print(json.dumps({"kind": launch.kind, "main": distributed.is_main(),
                           "runtime": distributed.describe(), "total": float(total),
                           "shape": list(g["x"].shape)}))
@@ -183,7 +183,7 @@ def test_two_processes_share_one_global_array_and_process_0_writes(tmp_path):
         assert json.load(f) == {"pid": 0}
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["pid"] == 0  # Process 0's, with the schema version added.
-    assert os.listdir(tmp_path / "tb0") and not os.path.exists(tmp_path / "tb1")
+    assert os.listdir(tmp_path / "tb" / "tb0") and not os.path.exists(tmp_path / "tb" / "tb1")
 
 
 def _local_sh(*args, timeout=900):

@@ -12,7 +12,7 @@ import pytest
 from report_test import _read_events
 from smoke_setup import make_model
 
-from l2r import cl_metrics, compare, divergence, pretrain, report
+from l2r import cl_metrics, compare, divergence, plots, pretrain, report
 from l2r.cli import sweep
 from l2r.configs import fig1
 from l2r.data import tasks
@@ -191,7 +191,7 @@ def test_cl_metrics_table_leaves_diverged_runs_out():
 
 def test_curves_figure_labels_and_lines():
     results = _results()
-    fig = report.curves_figure(results, ["readout_A", "cka_A"], "Task A accuracy (%)")
+    fig = plots.curves_figure(results, ["readout_A", "cka_A"], "Task A accuracy (%)")
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "SGD",
         "EWC (2/4 diverged)",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.ticker import MaxNLocator
 
-from l2r import divergence, report
+from l2r import divergence, plots, report
 from l2r import workdir as workdir_lib
 from l2r.meta import figures
 from l2r.pipelines import three_tasks
@@ -154,7 +154,7 @@ def test_load_results_refuses_another_csv(tmp_path):
      ("sgd_kernels_x0.5", "sgd_kernels_x0.5"), ("my_method", "my_method"), ("sgd_x", "sgd_x")],
 )  # fmt: skip
 def test_display_name(method, name):
-    assert report.display_name(method) == name
+    assert plots.display_name(method) == name
 
 
 @pytest.mark.parametrize(
@@ -168,13 +168,13 @@ def test_display_name(method, name):
 )  # fmt: skip
 def test_metric_names(metric, split, title):
     assert report.split_metric(metric) == split
-    assert report.metric_title(metric) == title
+    assert plots.metric_title(metric) == title
 
 
 def test_divergence_labels_compose_with_display_names():
-    assert report.legend_label("ewc", 1, 3) == "EWC (1/3 diverged)"
-    assert report.legend_label("sgd_x0.1", 3, 3) == "SGD (lr ×0.1) (diverged)"
-    assert report.legend_label("learned", 0, 3) == "learned rule (ours)"
+    assert plots.legend_label("ewc", 1, 3) == "EWC (1/3 diverged)"
+    assert plots.legend_label("sgd_x0.1", 3, 3) == "SGD (lr ×0.1) (diverged)"
+    assert plots.legend_label("learned", 0, 3) == "learned rule (ours)"
 
 
 def _integer_ticks(axis) -> bool:
@@ -186,7 +186,7 @@ def _integer_ticks(axis) -> bool:
 
 def test_learned_rule_stands_out_and_bands_lighten():
     methods = ("sgd", "sgd_x0.1", "lwf", "ewc", "hat", "teacher", "learned")
-    fig = report.curves_figure(_results(methods), ["readout_A", "cka_A"], "Task A accuracy (%)")
+    fig = plots.curves_figure(_results(methods), ["readout_A", "cka_A"], "Task A accuracy (%)")
     for ax in fig.axes:
         lines = {line.get_label(): line for line in ax.get_lines()}
         learned = lines.pop("learned rule (ours)")
@@ -196,38 +196,38 @@ def test_learned_rule_stands_out_and_bands_lighten():
         assert learned.get_color() not in {line.get_color() for line in others}
         assert len({line.get_color() for line in others}) == len(others)
         bands = {(not b.get_facecolor()[0][:3].any(), b.get_alpha()) for b in ax.collections}
-        assert bands == {(False, report.band_alpha(7)), (True, report.band_alpha(7, "learned"))}
+        assert bands == {(False, plots.band_alpha(7)), (True, plots.band_alpha(7, "learned"))}
         assert _integer_ticks(ax.xaxis)
         x = 100 * _results(methods)["methods"]["learned"]["readout_A"]
         if ax.get_title() == "Task A readout accuracy":
             np.testing.assert_allclose(learned.get_ydata(), x.mean(axis=0))
-    assert report.band_alpha(4) > report.band_alpha(5) > report.band_alpha(5, "learned")
+    assert plots.band_alpha(4) > plots.band_alpha(5) > plots.band_alpha(5, "learned")
     fig.draw_without_rendering()  # The legend sits beside the panels, over none of them.
     legend = fig.legends[0].get_window_extent()
     assert all(not legend.overlaps(ax.get_window_extent()) for ax in fig.axes)
 
 
 def test_save_figure_writes_png_and_a_reproducible_pdf(tmp_path):
-    fig = report.curves_figure(_results(), ["readout_B"], "Task B accuracy (%)")
-    png = report.save_figure(fig, str(tmp_path / "f.png"))
-    assert png == str(tmp_path / "f.png") and report.pdf_path(png) == str(tmp_path / "f.pdf")
+    fig = plots.curves_figure(_results(), ["readout_B"], "Task B accuracy (%)")
+    png = plots.save_figure(fig, str(tmp_path / "f.png"))
+    assert png == str(tmp_path / "f.png") and plots.pdf_path(png) == str(tmp_path / "f.pdf")
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     first = (tmp_path / "f.pdf").read_bytes()
     assert first[:5] == b"%PDF-"
-    report.save_figure(fig, str(tmp_path / "f.png"))
+    plots.save_figure(fig, str(tmp_path / "f.png"))
     assert (tmp_path / "f.pdf").read_bytes() == first  # No creation date: the same bytes.
 
 
 @pytest.fixture
 def saved_figures(monkeypatch):
-    """{file name: Figure} of every figure `report.save_figure` writes in the test."""
-    saved, save = {}, report.save_figure
+    """{file name: Figure} of every figure `plots.save_figure` writes in the test."""
+    saved, save = {}, plots.save_figure
 
     def record(fig, path):
         saved[os.path.basename(path)] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(report, "save_figure", record)
+    monkeypatch.setattr(plots, "save_figure", record)
     return saved
 
 

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from l2r.data import prepare, sources
+from l2r.data import prepare, sources, tfds_prep
 from l2r.data.sources import DataError
 
 
 def test_prepare_cli_tfds_without_tensorflow(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prepare, "tensorflow_available", lambda: False)
+    monkeypatch.setattr(tfds_prep, "tensorflow_available", lambda: False)
     assert prepare.main(["--tfds=cifar10", f"--data_dir={tmp_path}"]) == 1
     assert "l2r[tfds]" in capsys.readouterr().err
     # A name TFDS does not know is found once it could be prepared (TFDS itself knows names).
-    monkeypatch.setattr(prepare, "tensorflow_available", lambda: True)
-    monkeypatch.setattr(prepare, "_host_reachable", lambda host: True)
+    monkeypatch.setattr(tfds_prep, "tensorflow_available", lambda: True)
+    monkeypatch.setattr(tfds_prep, "_host_reachable", lambda host: True)
     with pytest.raises(DataError, match="check the name"):
         sources.load("tfds", name="no_such_dataset_l2r", data_dir=str(tmp_path))
 
@@ -34,7 +34,7 @@ def test_reachability_gives_up_quickly(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    assert not prepare._host_reachable("example.org")
+    assert not tfds_prep._host_reachable("example.org")
 
     def hang(*args, **kwargs):
         time.sleep(2)
@@ -42,7 +42,7 @@ def test_reachability_gives_up_quickly(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", hang)
     start = time.perf_counter()
-    assert not prepare._host_reachable("example.org", timeout=0.2)
+    assert not tfds_prep._host_reachable("example.org", timeout=0.2)
     assert time.perf_counter() - start < 1
 
 

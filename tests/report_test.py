@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from l2r import report
+from l2r import plots, report
 from l2r import workdir as workdir_lib
 
 METHODS = ("sgd", "sgd_x0.1", "teacher")
@@ -150,7 +150,7 @@ def test_pngs_are_valid_images(report_dir):
 
 def test_curves_figure_draws_each_method_mean_per_panel():
     results = _fake_results()
-    fig = report.curves_figure(results, ["readout_A", "original_A"], "Task A accuracy (%)")
+    fig = plots.curves_figure(results, ["readout_A", "original_A"], "Task A accuracy (%)")
     axes = fig.axes
     assert [ax.get_title() for ax in axes] == ["Task A readout accuracy", "Task A original head"]
     labels = ["SGD", "SGD (lr ×0.1)", "multi-task teacher"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from l2r.data import prepare, sources
+from l2r.data import sources, tfds_prep
 from l2r.data.sources import DataError
 
 
@@ -246,7 +246,7 @@ def _no_preparing(*args, **kwargs):
 def test_tfds_without_tensorflow_fails_fast(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(prepare, "tensorflow_available", lambda: False)
+    monkeypatch.setattr(tfds_prep, "tensorflow_available", lambda: False)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_preparing)
     start = time.perf_counter()
     with pytest.raises(DataError, match=r'pip install "l2r\[tfds\]"') as info:
@@ -259,8 +259,8 @@ def test_tfds_offline_fails_fast_with_the_fixes(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     probed = []
-    monkeypatch.setattr(prepare, "tensorflow_available", lambda: True)
-    monkeypatch.setattr(prepare, "_host_reachable", lambda host, **kw: probed.append(host))
+    monkeypatch.setattr(tfds_prep, "tensorflow_available", lambda: True)
+    monkeypatch.setattr(tfds_prep, "_host_reachable", lambda host, **kw: probed.append(host))
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_preparing)
     start = time.perf_counter()
     with pytest.raises(DataError) as info:
@@ -292,8 +292,8 @@ def test_tfds_missing_fails_before_importing_tfds(tmp_path):
     assert "tfds imported: False" in out.stdout
     (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
     (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
-    assert prepare.tfds_maybe_prepared("cifar10/plain:3.0.2", str(tmp_path))
-    assert not prepare.tfds_maybe_prepared("cifar100", str(tmp_path))
+    assert tfds_prep.tfds_maybe_prepared("cifar10/plain:3.0.2", str(tmp_path))
+    assert not tfds_prep.tfds_maybe_prepared("cifar100", str(tmp_path))
 
 
 def test_tfds_pipeline_on_mock_data(tmp_path, monkeypatch):
@@ -301,7 +301,7 @@ def test_tfds_pipeline_on_mock_data(tmp_path, monkeypatch):
 
     # mock_data fakes tfds.data_source but not builder.is_prepared(), hence the patch.
     monkeypatch.setattr(sources, "_tfds_is_prepared", lambda builder: True)
-    monkeypatch.setattr(prepare, "tfds_maybe_prepared", lambda name, data_dir: True)
+    monkeypatch.setattr(tfds_prep, "tfds_maybe_prepared", lambda name, data_dir: True)
     with tfds.testing.mock_data(num_examples=7):
         d = sources.load("tfds", name="cifar10", data_dir=str(tmp_path))
         small = sources.load("tfds", name="cifar10", data_dir=str(tmp_path), image_size=16)

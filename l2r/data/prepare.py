@@ -20,23 +20,16 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import sys
 import tarfile
 import tempfile
-import threading
 import zipfile
 import zlib
 
 import numpy as np
 
 from l2r.data.decode import DataError, default_cache_dir
-
-# Where TFDS fetches each dataset from; probed before preparing so that offline users get an
-# answer in seconds (TFDS itself retries for minutes). Unknown names probe the TFDS GCS mirror.
-_TFDS_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
-_TFDS_DEFAULT_HOST = "storage.googleapis.com"
-_REACH_TIMEOUT_S = 3.0
+from l2r.data.tfds_prep import prepare_tfds
 
 # sha256 of the archives the project ships for offline machines, by file name.
 KNOWN_ARCHIVES = {
@@ -345,6 +338,24 @@ def _check_fresh(root: str, archive: str, flag: str) -> None:
         )
 
 
+def _official_target(archive: str, dest: str | None, which: str, folder: str, verify: bool):
+    """(dest, root, done) of building `folder` from official archive `which`: done when this
+    archive built it before (root is then that folder). Otherwise checks that the archive is
+    there, that root is not some other folder's, and (`verify`) the archive's digests."""
+    dest = os.path.abspath(os.path.expanduser(dest or default_cache_dir()))
+    filename, url, _ = OFFICIAL_ARCHIVES[which]
+    if not os.path.isfile(archive):
+        raise DataError(f"{archive} does not exist; download {filename} from {url}.")
+    done = _done_root(dest, archive)
+    if done:
+        return dest, done, True
+    root = os.path.join(dest, folder)
+    _check_fresh(root, archive, _OFFICIAL_FLAGS[filename])
+    if verify:
+        check_official(archive, which)
+    return dest, root, False
+
+
 def build_cifar10(archive: str, dest: str | None = None, *, verify: bool = True) -> str:
     """Builds the CIFAR-10 image folder from the official cifar-10-python.tar.gz, unless done.
 
@@ -366,17 +377,9 @@ def build_cifar10(archive: str, dest: str | None = None, *, verify: bool = True)
     """
     from PIL import Image
 
-    dest = os.path.abspath(os.path.expanduser(dest or default_cache_dir()))
-    filename, url, _ = OFFICIAL_ARCHIVES["cifar10"]
-    if not os.path.isfile(archive):
-        raise DataError(f"{archive} does not exist; download {filename} from {url}.")
-    done = _done_root(dest, archive)
+    dest, root, done = _official_target(archive, dest, "cifar10", CIFAR10_ROOT, verify)
     if done:
-        return done
-    root = os.path.join(dest, CIFAR10_ROOT)
-    _check_fresh(root, archive, "--cifar10_python")
-    if verify:
-        check_official(archive, "cifar10")
+        return root
     names, splits = read_cifar10_python(archive)
     os.makedirs(dest, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=dest, prefix=".build-")
@@ -412,17 +415,10 @@ def extract_tiny_imagenet(archive: str, dest: str | None = None, *, verify: bool
       DataError: the archive is missing, not the official one, or dest/tiny-imagenet-200 exists
         and was not extracted from it.
     """
-    dest = os.path.abspath(os.path.expanduser(dest or default_cache_dir()))
-    filename, url, _ = OFFICIAL_ARCHIVES["tiny_imagenet"]
-    if not os.path.isfile(archive):
-        raise DataError(f"{archive} does not exist; download {filename} from {url}.")
-    done = _done_root(dest, archive)
+    dest, root, done = _official_target(archive, dest, "tiny_imagenet", TINY_IMAGENET_ROOT, verify)
     if done:
-        return done
-    root = os.path.join(dest, TINY_IMAGENET_ROOT)
-    _check_fresh(root, archive, "--tiny_imagenet_zip")
-    if verify:
-        check_official(archive, "tiny_imagenet")
+        return root
+    filename, url, _ = OFFICIAL_ARCHIVES["tiny_imagenet"]
     os.makedirs(dest, exist_ok=True)
     try:
         with zipfile.ZipFile(archive) as z:
@@ -439,106 +435,6 @@ def extract_tiny_imagenet(archive: str, dest: str | None = None, *, verify: bool
         raise DataError(f"Cannot read {archive} ({e}); download {filename} again: {url}.") from e
     _write_marker(dest, archive, root)
     return root
-
-
-# ------------------------------------------------------------------------------------------------
-# TFDS
-
-
-def tensorflow_available() -> bool:
-    """Whether TensorFlow is installed (TFDS needs it to prepare, not to read ArrayRecord)."""
-    return importlib.util.find_spec("tensorflow") is not None
-
-
-def _host_reachable(host: str, port: int = 443, timeout: float = _REACH_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to host:port opens within `timeout` seconds (DNS included)."""
-    # create_connection's timeout does not bound the DNS lookup, which can hang for long on a
-    # machine without network, so the whole attempt runs in a thread we stop waiting for.
-    result = []
-
-    def attempt():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except Exception:  # Any failure to connect means: not reachable.
-            result.append(False)
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-def tfds_data_dir(data_dir: str | None) -> str:
-    """The folder TFDS keeps prepared datasets in: `data_dir`, else $TFDS_DATA_DIR, else
-    ~/tensorflow_datasets (TFDS's own default)."""
-    return os.path.expanduser(
-        data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    )
-
-
-def tfds_maybe_prepared(name: str, data_dir: str | None = None) -> bool:
-    """Whether some prepared version of TFDS dataset `name` ("cifar10", "cifar10/plain:3.0.2")
-    may be in `data_dir`: a `dataset_info.json` below its folder. Cheap, and needs no import of
-    tensorflow_datasets (seconds): a False here is certain, a True is confirmed by TFDS."""
-    folder = os.path.join(tfds_data_dir(data_dir), name.split(":")[0].split("/")[0])
-    return any("dataset_info.json" in files for _, _, files in os.walk(folder))
-
-
-def check_tfds_obtainable(
-    name: str, data_dir: str | None, download: bool, missing: bool = False
-) -> None:
-    """Raises DataError, in a second or two and before TFDS is imported, when dataset `name` is
-    surely not prepared in `data_dir` (or is `missing`, as TFDS found) and cannot be prepared
-    here: `download` is off, TensorFlow is missing, or the download host cannot be reached."""
-    if not missing and tfds_maybe_prepared(name, data_dir):
-        return
-    where = tfds_data_dir(data_dir)
-    if not download:
-        raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {where} and download=False. Prepare it "
-            f"with `python -m l2r.data.prepare --tfds={name}` or allow download "
-            "(--config.data.download=True)."
-        )
-    if not tensorflow_available():
-        raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {where}, and preparing it needs "
-            'TensorFlow: pip install "l2r[tfds]" (or prepare it on another machine with `python -m '
-            f"l2r.data.prepare --tfds={name}` and copy the data_dir here). Without it, use the "
-            "offline presets (fashion_mnist, digits), or an extracted image-folder copy with "
-            "--config.data.source=image_folder --config.data.root=PATH."
-        )
-    host = _TFDS_HOSTS.get(name, _TFDS_DEFAULT_HOST)
-    if not _host_reachable(host):
-        raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {where}, and its download host "
-            f"{host} cannot be reached (no network). Fixes: run `python -m l2r.data.prepare "
-            f"--tfds={name} --data_dir=DIR` on a machine with network and copy DIR to this "
-            "machine's data_dir (--config.data.data_dir); or, with an extracted image-folder copy "
-            "(root/{train,test}/<class>/*.jpg), use --config.data.source=image_folder "
-            "--config.data.root=PATH."
-        )
-
-
-def prepare_tfds(name: str, data_dir: str | None = None) -> str:
-    """Downloads and prepares TFDS dataset `name` as ArrayRecord (readable without TensorFlow).
-
-    Returns:
-      The dataset's prepared directory.
-
-    Raises:
-      DataError: TensorFlow is missing, or the download host cannot be reached.
-    """
-    check_tfds_obtainable(name, data_dir, download=True)  # Before the slow import of TFDS.
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
-        return builder.data_dir
-    check_tfds_obtainable(name, data_dir, download=True, missing=True)
-    # ArrayRecord is what tfds.data_source reads, and it needs no TensorFlow to read.
-    builder.download_and_prepare(file_format="array_record")
-    return builder.data_dir
 
 
 def main(argv: list[str] | None = None) -> int:

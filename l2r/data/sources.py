@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from l2r.data import decode, prepare
+from l2r.data import decode, tfds_prep
 from l2r.data.decode import DataError, default_cache_dir, read_idx
-from l2r.data.prepare import prepare_tfds
+from l2r.data.tfds_prep import prepare_tfds
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -166,7 +166,7 @@ def _load_tfds(
 ) -> Dataset:
     if not name:
         raise DataError("source='tfds' needs name=..., e.g. name='cifar10' (--config.data.name).")
-    prepare.check_tfds_obtainable(name, data_dir, download)  # Fails fast, before TFDS loads.
+    tfds_prep.check_tfds_obtainable(name, data_dir, download)  # Fails fast, before TFDS loads.
     import tensorflow_datasets as tfds
 
     try:
@@ -177,7 +177,7 @@ def _load_tfds(
             f"TFDS does not know dataset {name!r} ({first_line}); check the name."
         ) from e
     if not _tfds_is_prepared(builder):
-        prepare.check_tfds_obtainable(name, data_dir, download, missing=True)
+        tfds_prep.check_tfds_obtainable(name, data_dir, download, missing=True)
         prepare_tfds(name, data_dir)
         # Preparing can fill in the builder's info (CIFAR's label names come from the download).
         builder = tfds.builder(name, data_dir=data_dir)
@@ -188,7 +188,7 @@ def _load_tfds(
             records = [source[i] for i in range(len(source))]
         except NotImplementedError as e:
             # Prepared as TFRecord (e.g. by tfds.load): only TensorFlow reads that.
-            if not prepare.tensorflow_available():
+            if not tfds_prep.tensorflow_available():
                 raise DataError(
                     f"TFDS dataset {name!r} in {builder.data_dir} was prepared as TFRecord, which "
                     "tfds.data_source cannot read without TensorFlow. Re-prepare it with `python "

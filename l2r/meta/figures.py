@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from l2r import compare, report, rng, training
+from l2r import compare, plots, rng, training
 from l2r.data import stream
 from l2r.methods.learned import Rule, student_step
 
@@ -34,7 +34,7 @@ def delta_histograms(model, rule: Rule, network, data_b, idx_b, num_steps):
 
 def plot_meta(history, deltas, workdir) -> list[str]:
     """Fig. 6 (threshold and T-BPTT steps against episodes) and Fig. 7 (δ per layer), each a
-    PNG with its PDF (`report.save_figure`); returns the PNGs' paths."""
+    PNG with its PDF (`plots.save_figure`); returns the PNGs' paths."""
     paths = []
     fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.add_subplot()
@@ -46,10 +46,10 @@ def plot_meta(history, deltas, workdir) -> list[str]:
     ax2.set(ylabel="T-BPTT steps")
     ax2.set_ylim(bottom=0)  # From 0, so a constant length still gets whole-number ticks.
     for axis in (ax.xaxis, ax2.yaxis):  # Episodes and truncation lengths are whole numbers.
-        report.integer_ticks(axis)
+        plots.integer_ticks(axis)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, fontsize="small")
-    paths.append(report.save_figure(fig, os.path.join(workdir, "fig6_curriculum.png")))
+    paths.append(plots.save_figure(fig, os.path.join(workdir, "fig6_curriculum.png")))
     fig = Figure(figsize=(7, 0.35 * len(deltas) + 1.5))
     ax = fig.add_subplot()
     names = list(deltas)
@@ -58,7 +58,7 @@ def plot_meta(history, deltas, workdir) -> list[str]:
     ax.axvline(1.0, color="k", lw=0.5, ls=":")
     ax.axvline(0.0, color="r", lw=0.5)
     ax.set(xlabel="δ (1 = SGD; < 0 = gradient ascent)", title="Fig. 7: gates at meta-test")
-    paths.append(report.save_figure(fig, os.path.join(workdir, "fig7_delta.png")))
+    paths.append(plots.save_figure(fig, os.path.join(workdir, "fig7_delta.png")))
     return paths
 
 

@@ -190,9 +190,8 @@ def _restore_latest(manager: ocp.CheckpointManager, like: MetaState, ckpt_dir: s
                 raise ValueError("its state differs from the one saved (digest mismatch)")
             return restored.state, restored.history
         except Exception as e:  # Orbax and TensorStore raise many types, some bare Exception.
-            lines = str(e).strip().splitlines()
-            logging.warning("Damaged meta-training checkpoint %s/%d, deleted: %s: %s.", ckpt_dir,
-                            step, type(e).__name__, lines[0][:200] if lines else "")  # fmt: skip
+            logging.warning("Damaged meta-training checkpoint %s/%d, deleted: %s.", ckpt_dir, step,
+                            checkpoint.describe_error(e))  # fmt: skip
             manager.delete(step)
     return None
 

@@ -8,15 +8,11 @@ becomes `--config.model.name=mine` with
         return models.from_module("mine", MyNet(width=cfg.widths[-1]), cfg.widths[-1])
 """
 
-import hashlib
-import inspect
-import pathlib
-import sys
 from collections.abc import Callable
 
 import ml_collections
 
-from l2r import models
+from l2r import keys, models
 
 Builder = Callable[[ml_collections.ConfigDict], models.Model]
 
@@ -48,18 +44,10 @@ def names() -> tuple[str, ...]:
 
 
 def user_code(model_cfg: ml_collections.ConfigDict) -> dict[str, str]:
-    """{module: SHA-256 of its source} of a model registered from outside l2r (a user's file),
-    for the cache keys of the stages that train it: an edit there makes new keys. Empty for
-    l2r's own models, whose source the keys already hold."""
+    """`keys.user_sources` of the builder of model `model_cfg.name`: a model registered from a
+    user's file is in the keys of the stages that train it; {} for l2r's own models."""
     builder = _BUILDERS.get(model_cfg.name)
-    if builder is None or builder.__module__.partition(".")[0] == "l2r":
-        return {}
-    path = getattr(sys.modules.get(builder.__module__), "__file__", None)
-    try:  # A module without a file (a notebook's) counts by the builder's source.
-        source = pathlib.Path(path).read_bytes() if path else inspect.getsource(builder).encode()
-    except (OSError, TypeError):
-        source = builder.__qualname__.encode()
-    return {builder.__module__: hashlib.sha256(source).hexdigest()}
+    return {} if builder is None else keys.user_sources([builder])
 
 
 def from_config(model_cfg: ml_collections.ConfigDict) -> models.Model:

@@ -31,6 +31,7 @@ from l2r import (
     config_checks,
     distributed,
     divergence,
+    plots,
     pretrain,
     report,
     task_b,
@@ -101,10 +102,10 @@ def write_markdown(results, workdir) -> str:
 
 def plot_tasks(results, workdir, prefix="exp5") -> str:
     """Fig. 5: readout accuracy on Tasks 1, 2 and 3 against steps, one panel per task, styled
-    and labelled as `report.curves_figure` does; a PNG with its PDF, returns the PNG's path."""
+    and labelled as `plots.curves_figure` does; a PNG with its PDF, returns the PNG's path."""
     steps = np.asarray(results["steps"])
     methods = list(results["methods"])
-    styles = report.method_styles(methods)
+    styles = plots.method_styles(methods)
     fig = Figure(figsize=(15, 3.8), layout="constrained")
     axes = fig.subplots(1, 3, sharex=True)
     dropped = divergence.dropped_rows(results)  # Diverged runs are left out of the means.
@@ -112,18 +113,18 @@ def plot_tasks(results, workdir, prefix="exp5") -> str:
     for ax, metric in zip(axes, READOUT, strict=True):
         for name, hist in results["methods"].items():
             n_runs, drop = divergence.num_runs(results, name), dropped.get(name, [])
-            label = report.legend_label(name, len(drop), n_runs)
+            label = plots.legend_label(name, len(drop), n_runs)
             acc = 100 * divergence.kept(np.asarray(hist[metric], np.float64), drop)
-            alpha = report.band_alpha(len(methods), name)
-            handles[name] = report.draw_mean_std(ax, steps, acc, styles[name], label, alpha)
+            alpha = plots.band_alpha(len(methods), name)
+            handles[name] = plots.draw_mean_std(ax, steps, acc, styles[name], label, alpha)
         ax.axvline(results["switch_step"], color="k", lw=0.5, ls=":")
-        ax.set(title=report.metric_title(metric), xlabel="steps (Task 2, then Task 3)")
-        report.integer_ticks(ax.xaxis)
+        ax.set(title=plots.metric_title(metric), xlabel="steps (Task 2, then Task 3)")
+        plots.integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="readout accuracy (%)")
     fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],
                loc="outside right center", fontsize="small")  # fmt: skip
-    return report.save_figure(fig, os.path.join(workdir, f"{prefix}_tasks.png"))
+    return plots.save_figure(fig, os.path.join(workdir, f"{prefix}_tasks.png"))
 
 
 def load(config: ml_collections.ConfigDict):
