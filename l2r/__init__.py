@@ -6,9 +6,15 @@ The public API, imported on first use so that `import l2r` stays cheap:
     `Readout`, `DEFAULT_READOUT`, `PAPER_READOUT`;
   the meta-trained rule (`l2r.rule`): `load_rule`, `read_config`, `as_optax`, `Rule`,
     `RuleState`.
+
+Importing l2r sets XLA:CPU flags and JAX's persistent compilation cache (`l2r.runtime`).
 """
 
 import importlib as _importlib
+
+from l2r import runtime as _runtime
+
+_runtime.apply_defaults()  # XLA:CPU flags and the compilation cache (l2r/runtime.py).
 
 __version__ = "0.1.0"
 

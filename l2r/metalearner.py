@@ -255,6 +255,39 @@ class MetaLearner:
             )
         )
 
+    def groups(self) -> list[tuple[Leaf, ...]]:
+        """The leaves by the shapes of their LSTMs (units, input, width, output), in order."""
+        groups = {}
+        for leaf in self.leaves:
+            groups.setdefault((leaf.units, leaf.in_size, leaf.hidden, leaf.out_size), []).append(leaf)
+        return [tuple(g) for g in groups.values()]
+
+    def _lstm_input(self, leaf: Leaf, w, g, tap) -> jax.Array:
+        """The LSTM input of one leaf, [units, in_size] (see the module docstring)."""
+        cfg = self.config
+        norm = lambda x: jnp.clip(x / (_scale(x) + cfg.eps), -cfg.clip, cfg.clip)  # noqa: E731
+        h_in, h_out = norm(tap.inputs.mean(0)), norm(tap.outputs.mean(0))
+        if w.ndim == 1:
+            act = h_in if leaf.act == "inputs" else h_out
+            return jnp.concatenate([norm(w), norm(g), act, h_out.mean(keepdims=True)])[None]
+        cout = w.shape[-1]
+        w_UxK, g_UxK = norm(w).reshape(-1, cout).T, norm(g).reshape(-1, cout).T
+        h_in_UxC = jnp.broadcast_to(h_in, (cout, h_in.shape[0]))
+        return jnp.concatenate([w_UxK, g_UxK, h_in_UxC, h_out[:, None]], axis=1)
+
+    def _gate(self, th: dict, carry: tuple, x: jax.Array) -> tuple[jax.Array, tuple]:
+        """One leaf's stacked LSTM: (δ [units, out_size], new (c, h) per layer)."""
+        new = []
+        for layer in range(self.config.num_layers):
+            c_h, x = lstm_cell(th[f"lstm{layer}"], carry[layer], x)
+            new.append(c_h)
+            x = jax.nn.relu(x)  # §5.1: ReLU in the hidden layers.
+        z = x @ th["out"]["kernel"] + th["out"]["bias"]
+        delta_UxO = th["scale"] * jnp.tanh(z)  # §5.1: tanh output, learnable scale.
+        if self.config.gate == "exp":
+            delta_UxO = jnp.exp(delta_UxO)
+        return delta_UxO, tuple(new)
+
     def apply(
         self, theta: dict, state: State, params: dict, grads: dict, taps: dict
     ) -> tuple[dict, State]:
@@ -275,35 +308,27 @@ class MetaLearner:
         cfg = self.config
         flat_w = _check_tree(self.leaves, params, "params")
         flat_g = _check_tree(self.leaves, grads, "grads")
-        deltas, memory = {}, {}
+        xs = {}
         for leaf in self.leaves:
             _check_tap(leaf, taps)
             inputs = (flat_w[leaf.path], flat_g[leaf.path], taps[leaf.tap])
             if cfg.first_order:
                 inputs = lax.stop_gradient(inputs)
-            w, g, tap = inputs
-            norm = lambda x: jnp.clip(x / (_scale(x) + cfg.eps), -cfg.clip, cfg.clip)
-            h_in, h_out = norm(tap.inputs.mean(0)), norm(tap.outputs.mean(0))
-            if w.ndim == 1:
-                act = h_in if leaf.act == "inputs" else h_out
-                x = jnp.concatenate([norm(w), norm(g), act, h_out.mean(keepdims=True)])[None]
-            else:
-                cout = w.shape[-1]
-                w_UxK, g_UxK = norm(w).reshape(-1, cout).T, norm(g).reshape(-1, cout).T
-                h_in_UxC = jnp.broadcast_to(h_in, (cout, h_in.shape[0]))
-                x = jnp.concatenate([w_UxK, g_UxK, h_in_UxC, h_out[:, None]], axis=1)
-            carry, new = _get(state.lstm, leaf.path), []
-            th = _get(theta, leaf.path)
-            for layer in range(cfg.num_layers):
-                c_h, x = lstm_cell(th[f"lstm{layer}"], carry[layer], x)
-                new.append(c_h)
-                x = jax.nn.relu(x)  # §5.1: ReLU in the hidden layers.
-            z = x @ th["out"]["kernel"] + th["out"]["bias"]
-            delta_UxO = th["scale"] * jnp.tanh(z)  # §5.1: tanh output, learnable scale.
-            if cfg.gate == "exp":
-                delta_UxO = jnp.exp(delta_UxO)
-            deltas[leaf.path] = delta_UxO[0] if w.ndim == 1 else delta_UxO.T.reshape(w.shape)
-            memory[leaf.path] = tuple(new)
+            xs[leaf.path] = self._lstm_input(leaf, *inputs)
+        deltas, memory = {}, {}
+        # Leaves whose LSTMs have the same shapes run as one LSTM vmapped over them (their θ
+        # stacked on the fly; θ keeps its tree): the same arithmetic in fewer, larger ops,
+        # which XLA compiles several times faster (ResNet-32: 99 leaves in 11 groups).
+        for group in self.groups():
+            stack = lambda f: jax.tree.map(lambda *a: jnp.stack(a), *map(f, group))  # noqa: E731
+            th = stack(lambda leaf: _get(theta, leaf.path))
+            carry = stack(lambda leaf: _get(state.lstm, leaf.path))
+            delta, new = jax.vmap(self._gate)(th, carry, stack(lambda leaf: xs[leaf.path]))
+            for i, leaf in enumerate(group):
+                delta_UxO = delta[i]
+                w = flat_w[leaf.path]
+                deltas[leaf.path] = delta_UxO[0] if w.ndim == 1 else delta_UxO.T.reshape(w.shape)
+                memory[leaf.path] = jax.tree.map(lambda a, i=i: a[i], new)
         unflat = traverse_util.unflatten_dict
         return unflat(deltas), State(unflat(memory))
 

@@ -226,6 +226,32 @@ def test_vmap_matches_loop_and_jit_matches_eager():
     chex.assert_trees_all_close(eager, index(batched, 0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_leaves_grouped_by_shape_equal_one_lstm_per_leaf(name, monkeypatch):
+    """Same-shaped leaves run as one vmapped LSTM; δ and the new memory equal those of one LSTM
+    per leaf (each with its own θ) bitwise, the meta-gradient to float rounding (a batched
+    reduction sums in another order)."""
+    _, params, grads, taps, ml = problem(name)
+    groups = ml.groups()
+    assert sorted(leaf.path for g in groups for leaf in g) == sorted(l.path for l in ml.leaves)
+    assert len(groups) < len(ml.leaves) and any(len(g) > 1 for g in groups)
+    for g in groups:
+        assert len({(l.units, l.in_size, l.hidden, l.out_size) for l in g}) == 1
+    theta = perturb(ml.init(jax.random.key(3)), 4, 0.3)
+    memory = perturb(ml.init_state(), 5, 0.5)
+
+    def run(theta):
+        deltas, state = ml.apply(theta, memory, params, grads, taps)
+        loss = sum(jnp.sum(jnp.sin(d)) for d in jax.tree.leaves(deltas))
+        return loss + sum(jnp.sum(jnp.cos(v)) for v in jax.tree.leaves(state)), (deltas, state)
+
+    grouped = jax.jit(jax.value_and_grad(run, has_aux=True))(theta)
+    monkeypatch.setattr(metalearner.MetaLearner, "groups", lambda self: [(l,) for l in self.leaves])
+    per_leaf = jax.jit(jax.value_and_grad(run, has_aux=True))(theta)
+    chex.assert_trees_all_equal(grouped[0], per_leaf[0])
+    chex.assert_trees_all_close(grouped[1], per_leaf[1], rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs_raise_clear_errors():
     _, params, grads, taps, ml = problem("convnet")
     with_head = {**params, "head": {"kernel": jnp.zeros((8, 5)), "bias": jnp.zeros(5)}}

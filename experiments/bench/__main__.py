@@ -21,6 +21,9 @@ import time
 
 from absl import app, flags
 
+import l2r  # noqa: F401  (first: its XLA flags must be set before JAX starts a backend)
+from l2r import runtime
+
 from experiments.bench.common import machine
 from experiments.bench.flops import bench_flops
 from experiments.bench.meta import bench_memory, bench_meta
@@ -67,6 +70,7 @@ def main(argv):
             FLAGS.repeats,
         )
         return
+    runtime.set_compilation_cache(None)  # Compiles are part of what is measured.
     print(f"# l2r benchmarks — {time.strftime('%Y-%m-%d')} — {machine()}")
     if "sgd" in FLAGS.only:
         bench_sgd(FLAGS.repeats)

@@ -4,6 +4,8 @@ The setup helpers (`meta_setup`, `window_seconds`, `teacher_step`...) serve the 
 scaling sections too.
 """
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,11 +45,18 @@ def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
 
 
 def window_seconds(run, s, repeats):
+    return compiled_window(run, s, repeats)[1]
+
+
+def compiled_window(run, s, repeats):
+    """(seconds to trace and compile the `s`-step window, median seconds of one window run)."""
     state = run.init()
     batches = run.problem.batches(0, s)
-    window = run.window(s)
     thr = jnp.float32(1e9)  # no restarts: every window does the same work
-    return median_seconds(lambda: window(state, run.inputs, batches, thr)[0], repeats)
+    t0 = time.perf_counter()
+    window = run.window(s).lower(state, run.inputs, batches, thr).compile()
+    compile_s = time.perf_counter() - t0
+    return compile_s, median_seconds(lambda: window(state, run.inputs, batches, thr)[0], repeats)
 
 
 def teacher_step(run):
@@ -74,16 +83,19 @@ def teacher_step_seconds(run, repeats, steps=10):
 
 def bench_meta(repeats):
     """Meta-training on exp1:cpu's convnet: inner steps/s of both T-BPTT layouts against a teacher
-    SGD step; episodes mapped vs vmapped. (`main` follows it with `bench_memory`.)"""
+    SGD step, the first window's compile time; episodes mapped vs vmapped. (`main` follows it
+    with `bench_memory`.) Compiles are timed with the persistent compilation cache off."""
     reps = max(2, repeats // 2)
     e, s = 4, 5
     print(f"\n## Meta-training rate, exp1:cpu convnet, {e} episodes, T-BPTT {s}, second order\n")
-    print("| variant | s/window | inner steps/s | inner step vs teacher SGD step |")
-    print("|---|---|---|---|")
+    print("| variant | compile s | s/window | inner steps/s | inner step vs teacher SGD step |")
+    print("|---|---|---|---|---|")
     rows, teacher = {}, None
+    every, per_window = "meta-update every inner step (Alg. 1), episodes mapped", (
+        "one meta-update per window, episodes mapped")  # fmt: skip
     variants = (
-        ("meta-update every inner step (Alg. 1), episodes mapped", dict(update_every_step=True)),
-        ("one meta-update per window, episodes mapped", dict(update_every_step=False)),
+        (every, dict(update_every_step=True)),
+        (per_window, dict(update_every_step=False)),
         ("one meta-update per window, episodes vmapped", dict(update_every_step=False,
                                                                episode_chunk=e)),
     )  # fmt: skip
@@ -91,14 +103,21 @@ def bench_meta(repeats):
         _, _, run = meta_setup("cpu", dict(num_episodes_parallel=e, **over), (28, 28, 1))
         if teacher is None:
             teacher = teacher_step_seconds(run, repeats)
-        rows[name] = window_seconds(run, s, reps)
-    for name, sec in rows.items():
+        rows[name] = compiled_window(run, s, reps)
+    for name, (compile_s, sec) in rows.items():
         per_step = sec / (e * s)
-        print(f"| {name} | {sec:.2f} | {1 / per_step:.1f} | {per_step / teacher:.1f}x |")
-    print(f"| teacher SGD step (batch 64 A + 64 B), for reference | | {1 / teacher:.1f} | 1x |")
-    mapped = rows["one meta-update per window, episodes mapped"]
-    vmapped = rows["one meta-update per window, episodes vmapped"]
-    print(f"\nEpisodes vmapped / mapped (time): {vmapped / mapped:.2f}x")
+        print(f"| {name} | {compile_s:.1f} | {sec:.2f} | {1 / per_step:.1f} | "
+              f"{per_step / teacher:.2f}x |")  # fmt: skip
+    print(f"| teacher SGD step (batch 64 A + 64 B), for reference | | | {1 / teacher:.1f} | 1x |")
+    print()
+    for name in (per_window, every):
+        print(f"meta inner step / teacher step: {rows[name][1] / (e * s) / teacher:.2f}x ({name})")
+    for name in (per_window, every):
+        compile_s, sec = rows[name]
+        print(f"window compile: {compile_s:.1f} s ({compile_s / sec:.1f} x a window) ({name})")
+    mapped = rows[per_window][1]
+    vmapped = rows["one meta-update per window, episodes vmapped"][1]
+    print(f"Episodes vmapped / mapped (time): {vmapped / mapped:.2f}x")
 
 
 def window_memory(preset, steps, overrides):

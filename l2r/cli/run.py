@@ -26,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from l2r import configs, distributed, tracking
+from l2r import configs, distributed, runtime, tracking
 from l2r import workdir as workdir_lib
 from l2r.config_checks import ConfigError
 from l2r.data.sources import DataError
@@ -50,6 +50,12 @@ flags.DEFINE_bool(
     "Print the resolved config and the stages that would run (and which are "
     "cached), then exit without running any.",
 )
+flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Folder of JAX's persistent compilation cache, reused by reruns and resumed runs; 'off' "
+    "turns it off. Default: $L2R_COMPILATION_CACHE, else ~/.cache/l2r/jax (l2r/runtime.py).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -70,6 +76,9 @@ def start_runtime() -> None:
     """
     if FLAGS.num_cpu_devices:
         distributed.simulated_cpu_devices(FLAGS.num_cpu_devices)
+    if FLAGS.compilation_cache is not None:
+        off = FLAGS.compilation_cache.strip().lower() in runtime.OFF
+        runtime.set_compilation_cache(None if off else os.path.abspath(FLAGS.compilation_cache))
     try:
         distributed.initialize()
     except ValueError as e:
