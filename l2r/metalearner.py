@@ -259,7 +259,8 @@ class MetaLearner:
         """The leaves by the shapes of their LSTMs (units, input, width, output), in order."""
         groups = {}
         for leaf in self.leaves:
-            groups.setdefault((leaf.units, leaf.in_size, leaf.hidden, leaf.out_size), []).append(leaf)
+            shape = (leaf.units, leaf.in_size, leaf.hidden, leaf.out_size)
+            groups.setdefault(shape, []).append(leaf)
         return [tuple(g) for g in groups.values()]
 
     def _lstm_input(self, leaf: Leaf, w, g, tap) -> jax.Array:
@@ -317,10 +318,11 @@ class MetaLearner:
             xs[leaf.path] = self._lstm_input(leaf, *inputs)
         deltas, memory = {}, {}
         # Leaves whose LSTMs have the same shapes run as one LSTM vmapped over them (their θ
-        # stacked on the fly; θ keeps its tree): the same arithmetic in fewer, larger ops,
-        # which XLA compiles several times faster (ResNet-32: 99 leaves in 11 groups).
+        # stacked on the fly; θ keeps its tree): the same values from fewer, larger ops.
+        # ResNet-32's 99 leaves form 11 groups and its window traces in 17 s instead of 27 s
+        # (docs/benchmarks.md, 2026-12-05).
         for group in self.groups():
-            stack = lambda f: jax.tree.map(lambda *a: jnp.stack(a), *map(f, group))  # noqa: E731
+            stack = lambda f, g=group: jax.tree.map(lambda *a: jnp.stack(a), *map(f, g))  # noqa: E731
             th = stack(lambda leaf: _get(theta, leaf.path))
             carry = stack(lambda leaf: _get(state.lstm, leaf.path))
             delta, new = jax.vmap(self._gate)(th, carry, stack(lambda leaf: xs[leaf.path]))

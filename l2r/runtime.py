@@ -9,11 +9,11 @@ computed, only how fast; both can be turned off.
   1.3-1.5x slower than XLA's own fused loops (docs/benchmarks.md, 2026-12-05). A flag the user
   already put in `XLA_FLAGS` is left as it is; `L2R_XLA_DEFAULTS=0` adds none. XLA reads
   `XLA_FLAGS` once, when its first backend starts: import l2r before running anything in JAX.
-* Persistent compilation cache: every program that takes longer than
-  `MIN_COMPILE_SECONDS` to compile is written to `cache_dir()` and read back by later
-  processes, so a rerun, a resumed run, or the next length of the T-BPTT curriculum on the same
-  machine skips compilations it has done once. `L2R_COMPILATION_CACHE` names another folder,
-  `L2R_COMPILATION_CACHE=off` turns it off; a cache folder the user set for JAX
+* Persistent compilation cache: every program (`MIN_COMPILE_SECONDS`) is written to
+  `cache_dir()` and read back by later processes, so a rerun, a resumed run, or the next length
+  of the T-BPTT curriculum on the same machine skips compilations it has done once; beyond
+  `MAX_CACHE_BYTES` the least recently used entries are deleted. `L2R_COMPILATION_CACHE` names
+  another folder, `L2R_COMPILATION_CACHE=off` turns it off; a cache folder the user set for JAX
   (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) wins. `l2r-run --compilation_cache=...` does
   the same per run. The cache is JAX's own; its entries are keyed by the program, the jaxlib
   version, the devices and the XLA flags, so a stale entry is never used.
@@ -24,7 +24,8 @@ import sys
 
 # (flag, value) pairs added to XLA_FLAGS unless the flag is already there.
 XLA_CPU_FLAGS = (("--xla_cpu_experimental_ynn_fusion_type", ""),)
-MIN_COMPILE_SECONDS = 0.5
+MIN_COMPILE_SECONDS = 0.0  # Every program: a resumed run then compiles nothing the first did.
+MAX_CACHE_BYTES = 2 * 2**30  # JAX deletes the least recently used entries beyond this.
 OFF = ("", "0", "off", "none", "false")
 
 
@@ -49,7 +50,7 @@ def apply_xla_flags(environ=os.environ) -> None:
     if not new:
         return
     environ["XLA_FLAGS"] = " ".join(flags + new)
-    if "jax" in sys.modules:
+    if environ is os.environ and "jax" in sys.modules:
         from jax._src import xla_bridge  # No public API says whether a backend has started.
 
         if xla_bridge.backends_are_initialized():
@@ -63,14 +64,15 @@ def apply_xla_flags(environ=os.environ) -> None:
 
 
 def set_compilation_cache(path: str | None) -> None:
-    """Points JAX's persistent compilation cache at `path` (None: off), caching every program
-    that compiles in more than `MIN_COMPILE_SECONDS`. Call it before the programs to cache
-    are compiled."""
+    """Points JAX's persistent compilation cache at `path` (None: off), caching the programs
+    that take longer than `MIN_COMPILE_SECONDS` to compile. Call it before the programs to
+    cache are compiled."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
     if path is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+        jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
 
 
 def apply_defaults() -> None:
@@ -87,4 +89,6 @@ def apply_defaults() -> None:
             set_compilation_cache(path)
     elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECONDS))
+        min_seconds = str(MIN_COMPILE_SECONDS)
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", min_seconds)
+        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(MAX_CACHE_BYTES))

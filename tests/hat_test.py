@@ -53,7 +53,8 @@ def test_no_masks_is_the_unmasked_forward_and_gates_multiply_channels(tiny):
     plain = jax.jit(model.apply)(params, x).representation
     np.testing.assert_array_equal(plain, jax.jit(reference_convnet)(params, x))
     ones = {k: jnp.ones((c,)) for k, c in model.units.items()}
-    np.testing.assert_array_equal(model.apply(params, x, masks=ones).representation, plain)
+    masked = jax.jit(lambda p, x: model.apply(p, x, masks=ones))(params, x).representation
+    np.testing.assert_array_equal(masked, plain)
     # Without masks nothing extra is traced.
     masked_eqns = jax.make_jaxpr(lambda p: model.apply(p, x, masks=ones))(params).eqns
     assert len(jax.make_jaxpr(lambda p: model.apply(p, x))(params).eqns) < len(masked_eqns)

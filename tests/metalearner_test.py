@@ -233,10 +233,10 @@ def test_leaves_grouped_by_shape_equal_one_lstm_per_leaf(name, monkeypatch):
     reduction sums in another order)."""
     _, params, grads, taps, ml = problem(name)
     groups = ml.groups()
-    assert sorted(leaf.path for g in groups for leaf in g) == sorted(l.path for l in ml.leaves)
+    assert sorted(leaf.path for g in groups for leaf in g) == sorted(x.path for x in ml.leaves)
     assert len(groups) < len(ml.leaves) and any(len(g) > 1 for g in groups)
     for g in groups:
-        assert len({(l.units, l.in_size, l.hidden, l.out_size) for l in g}) == 1
+        assert len({(x.units, x.in_size, x.hidden, x.out_size) for x in g}) == 1
     theta = perturb(ml.init(jax.random.key(3)), 4, 0.3)
     memory = perturb(ml.init_state(), 5, 0.5)
 
@@ -246,7 +246,7 @@ def test_leaves_grouped_by_shape_equal_one_lstm_per_leaf(name, monkeypatch):
         return loss + sum(jnp.sum(jnp.cos(v)) for v in jax.tree.leaves(state)), (deltas, state)
 
     grouped = jax.jit(jax.value_and_grad(run, has_aux=True))(theta)
-    monkeypatch.setattr(metalearner.MetaLearner, "groups", lambda self: [(l,) for l in self.leaves])
+    monkeypatch.setattr(metalearner.MetaLearner, "groups", lambda self: [(x,) for x in self.leaves])
     per_leaf = jax.jit(jax.value_and_grad(run, has_aux=True))(theta)
     chex.assert_trees_all_equal(grouped[0], per_leaf[0])
     chex.assert_trees_all_close(grouped[1], per_leaf[1], rtol=1e-5, atol=1e-6)

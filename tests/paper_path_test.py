@@ -33,6 +33,7 @@ BUDGET = [
     "--config.readout.cka_size=20",
     "--config.meta.max_windows=2",
     "--config.meta.checkpoint_minutes=0",
+    "--config.task_b.methods=('learned',)",  # The rule's meta-test; SGD's path is tested elsewhere.
 ]
 
 
@@ -67,5 +68,5 @@ def test_exp1_paper_recipe_runs_on_a_cpu(tmp_path):
         results = json.load(f)
     history = results["meta"]
     assert len(history["loss"]) == 2 and np.all(np.isfinite(history["loss"]))
-    assert {"sgd", "teacher", "learned"} <= set(results["methods"])
+    assert set(results["methods"]) == {"learned"}
     assert not results["diverged"]

@@ -9,6 +9,7 @@ r"""Benchmarks whose figures are ratios measured side by side in one process.
   python -m experiments.bench --only=torch         # ResNet-32-GN SGD step: l2r vs PyTorch eager
   python -m experiments.bench --only=flops         # achieved FLOP/s against the matmul peak
   python -m experiments.bench --only=scaling       # meta-training on 1, 2, 4, 8 CPU devices
+  python -m experiments.bench --only=paper         # exp1:paper meta-training rate (accelerators)
 
 Timings on shared machines drift 10-40% between runs (PERF-NOTES.md): compare rows of one run,
 not rows of different runs. Each timing is the median of `--repeats` after a warm-up call.
@@ -22,23 +23,23 @@ import time
 from absl import app, flags
 
 import l2r  # noqa: F401  (first: its XLA flags must be set before JAX starts a backend)
-from l2r import runtime
-
 from experiments.bench.common import machine
 from experiments.bench.flops import bench_flops
 from experiments.bench.meta import bench_memory, bench_meta
+from experiments.bench.paper import bench_paper
 from experiments.bench.probe import bench_probe, print_fits
 from experiments.bench.scaling import bench_scaling, scaling_worker
 from experiments.bench.sgd import bench_sgd
 from experiments.bench.torch_ref import bench_torch
+from l2r import runtime
 
 FLAGS = flags.FLAGS
-SECTIONS = ("sgd", "probe", "fits", "meta", "memory", "torch", "flops", "scaling")
+SECTIONS = ("sgd", "probe", "fits", "meta", "memory", "torch", "flops", "scaling", "paper")
 flags.DEFINE_list(
     "only",
     ["sgd", "probe", "fits", "meta", "torch", "flops", "scaling"],
     "Sections to run: sgd, probe, fits, meta (rates, then the memory table), memory (the table "
-    "alone), torch, flops, scaling.",
+    "alone), torch, flops, scaling, paper (not by default: sized for an accelerator).",
 )
 flags.DEFINE_integer("repeats", 5, "Timed repetitions per measurement (median reported).")
 flags.DEFINE_integer("batch", 128, "torch, flops: batch of the ResNet-GN SGD step.")
@@ -52,6 +53,9 @@ flags.DEFINE_string("scaling_preset", "smoke", "scaling: exp1 preset of the net 
 flags.DEFINE_bool("weak_scaling", True, "scaling: also 2 episodes per device (weak scaling).")
 flags.DEFINE_list("memory_tbptt", ["2", "5", "9", "17"], "memory: T-BPTT rows (2 episodes).")
 flags.DEFINE_list("fits", ["20", "15000", "64", "5"], "fits: number of fits, N, D, classes.")
+flags.DEFINE_integer("paper_depth", 32, "paper: ResNet depth (6n+2).")
+flags.DEFINE_integer("paper_batch", 64, "paper: student batch and each half of the teacher's.")
+flags.DEFINE_list("paper_tbptt", ["5", "7", "9"], "paper: T-BPTT lengths (the curriculum's).")
 flags.DEFINE_list("memory_episodes", ["1", "2", "4", "8", "16"], "memory: episode rows (T-BPTT 5).")
 
 
@@ -84,6 +88,9 @@ def main(argv):
         bench_memory([int(s) for s in FLAGS.memory_tbptt], [int(e) for e in FLAGS.memory_episodes])
     if "torch" in FLAGS.only:
         bench_torch(FLAGS.depth, FLAGS.batch, FLAGS.repeats)
+    if "paper" in FLAGS.only:
+        tbptts = [int(s) for s in FLAGS.paper_tbptt]
+        bench_paper(FLAGS.paper_depth, FLAGS.paper_batch, tbptts, FLAGS.repeats)
     if "flops" in FLAGS.only:
         bench_flops(
             FLAGS.depth, FLAGS.batch, FLAGS.matmul_size, FLAGS.episodes, FLAGS.tbptt, FLAGS.repeats

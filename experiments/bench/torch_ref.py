@@ -141,8 +141,12 @@ def bench_torch(depth, batch, repeats):
     copy_to_torch(params, net)  # Same weights, so both take the same steps.
     n_l2r, n_torch = num_params(params), sum(p.numel() for p in net.parameters())
     assert n_l2r == n_torch, f"parameters: l2r {n_l2r}, PyTorch {n_torch}"
-    x_t = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())  # NHWC -> NCHW
-    y_t = torch.from_numpy(np.asarray(y).astype(np.int64))
+    # On an accelerator both run there (cuDNN on either side); on a CPU, on its cores.
+    gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    net.to(device)
+    x_t = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)  # NHWC->NCHW
+    y_t = torch.from_numpy(np.asarray(y).astype(np.int64)).to(device)
 
     def torch_step():
         loss = F.cross_entropy(net(x_t), y_t)
@@ -151,21 +155,25 @@ def bench_torch(depth, batch, repeats):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(p.grad, alpha=-0.1)
+        if gpu:
+            torch.cuda.synchronize()  # The kernels run asynchronously: wait for the step.
         return loss.detach()
 
     threads, cores = torch.get_num_threads(), jax_cores()
     torch.set_num_threads(cores)
     print(f"\n## {title}: l2r vs PyTorch {torch.__version__} eager (steps/s; higher is better)\n")
-    print(
-        f"Parameters: l2r {n_l2r:,}, PyTorch {n_torch:,}. PyTorch threads: "
-        f"{torch.get_num_threads()} (the {cores} cores XLA:CPU uses).\n"
-    )
+    threads_note = f"PyTorch threads: {torch.get_num_threads()} (the {cores} cores XLA:CPU uses)"
+    where = jax.devices()[0].device_kind if gpu else threads_note
+    print(f"Parameters: l2r {n_l2r:,}, PyTorch {n_torch:,}. {where}.\n")
     one = jax.jit(step)
-    l2r_name = f"l2r: jitted step, XLA:CPU on {cores} cores (canonical convs, NHWC)"
-    eager_name = f"PyTorch eager, {cores} threads (NCHW, oneDNN convs: the defaults)"
+    if gpu:
+        l2r_name, eager_name = "l2r: jitted step, XLA:GPU", "PyTorch eager, CUDA (cuDNN convs)"
+    else:
+        l2r_name = f"l2r: jitted step, XLA:CPU on {cores} cores (canonical convs, NHWC)"
+        eager_name = f"PyTorch eager, {cores} threads (NCHW, oneDNN convs: the defaults)"
     rows = {l2r_name: median_seconds(lambda: one(params, (x, y))[0], repeats)}
     rows[eager_name] = median_seconds(torch_step, repeats)
-    if cores > 1:
+    if cores > 1 and not gpu:
         torch.set_num_threads(1)
         rows["PyTorch eager, 1 thread"] = median_seconds(torch_step, repeats)
     torch.set_num_threads(threads)
@@ -175,7 +183,7 @@ def bench_torch(depth, batch, repeats):
     for name, sec in rows.items():
         print(f"| {name} | {1e3 * sec:.1f} | {1 / sec:.2f} | {sec / ref:.2f}x |")
     print(f"\nPyTorch eager steps/s / l2r steps/s: {ref / rows[eager_name]:.2f}")
-    if cores > 1:
+    if cores > 1 and not gpu:
         print(
             "\nPyTorch's OpenMP threads wait at barriers by spinning; when other processes hold "
             "the cores they can run many times slower than one thread (the last row). On a busy "

@@ -102,6 +102,10 @@ class MetaRun:
             self._windows[num_steps] = self._jit(num_steps)
         return self._windows[num_steps]
 
+    def is_compiled(self, num_steps: int) -> bool:
+        """Whether the `num_steps`-step window has been built (its first call compiles it)."""
+        return num_steps in self._windows
+
     def _count_trace(self, num_steps: int) -> None:
         self.traces[num_steps] += 1
         if self.traces[num_steps] > 1:
@@ -256,8 +260,8 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
 
         while not finished(cfg, int(state.window), int(state.episodes_done), history["seconds"]):
             steps = curriculum(cfg, int(state.episodes_done))[1]  # The next window's length.
-            if steps not in run._windows:  # Its first call compiles it: minutes, at times.
-                which = "the first window" if not run._windows else "a longer window"
+            if not run.is_compiled(steps):  # Its first call compiles it: minutes, at times.
+                which = "a longer window" if run.traces else "the first window"
                 progress.compiling(f"{which} ({steps} T-BPTT steps)")
             t0 = time.monotonic()
             state, metrics, threshold, s = run.run_window(state)
