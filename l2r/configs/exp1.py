@@ -53,7 +53,8 @@ def get_config(arg=None):
     elif preset == "cpu":
         c.meta.episodes = 60
         c.meta.curriculum_every = 20
-        # 180 windows took 20 min on the 2-core VM (2026-11-29, shared with other jobs).
+        # 180 windows: 20 min on the 2-core VM shared with other jobs (2026-11-29), 6 min idle
+        # (2026-12-05, docs/benchmarks.md).
         c.meta.max_windows = 180
     elif preset == "smoke":
         c.meta.episodes = 4

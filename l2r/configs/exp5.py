@@ -86,7 +86,7 @@ def get_config(arg=None):
         )
         c.meta.episodes = 60
         c.meta.curriculum_every = 20
-        c.meta.max_windows = 180  # exp1's budget (20 minutes on 2 cores for two tasks).
+        c.meta.max_windows = 180  # exp1's budget (6-20 minutes on 2 cores for two tasks).
     elif preset == "smoke":
         c.data.synthetic.num_classes = 11
         c.data.classes_a = (0, 1, 2)
