@@ -58,3 +58,12 @@ def test_meta_bench_times_a_teacher_step_of_a_meta_run():
     _, _, run = meta_setup("smoke", dict(num_episodes_parallel=1), IMAGE_SHAPES["smoke"], n=64)
     assert run.problem.batches(0, 2)[0].shape[:2] == (1, 2)
     assert teacher_step_seconds(run, repeats=1, steps=2) > 0
+
+
+def test_paper_projection_walks_the_curriculum():
+    from experiments.bench.paper import projected_seconds
+    from l2r.configs import exp1
+
+    config = exp1.get_config("paper")  # 900 episodes of 500 steps, 4 in flight, T-BPTT 5/7/9.
+    # 300 episodes per stage: 75 rounds of 4 episodes, 100 / 72 / 56 windows each.
+    assert projected_seconds(config, {5: 1.0, 7: 10.0, 9: 100.0}) == 7500 + 54000 + 420000
