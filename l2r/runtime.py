@@ -11,8 +11,9 @@ computed, only how fast; both can be turned off.
   `XLA_FLAGS` once, when its first backend starts: import l2r before running anything in JAX.
 * Persistent compilation cache: every program (`MIN_COMPILE_SECONDS`) is written to
   `cache_dir()` and read back by later processes, so a rerun, a resumed run, or the next length
-  of the T-BPTT curriculum on the same machine skips compilations it has done once; beyond
-  `MAX_CACHE_BYTES` the least recently used entries are deleted. `L2R_COMPILATION_CACHE` names
+  of the T-BPTT curriculum on the same machine skips compilations it has done once. It is not
+  bounded (JAX's default; `JAX_COMPILATION_CACHE_MAX_SIZE=<bytes>` bounds it, least recently
+  used first, with the `filelock` package installed). `L2R_COMPILATION_CACHE` names
   another folder, `L2R_COMPILATION_CACHE=off` turns it off; a cache folder the user set for JAX
   (`JAX_COMPILATION_CACHE_DIR` or `jax.config`) wins. `l2r-run --compilation_cache=...` does
   the same per run. The cache is JAX's own; its entries are keyed by the program, the jaxlib
@@ -25,7 +26,6 @@ import sys
 # (flag, value) pairs added to XLA_FLAGS unless the flag is already there.
 XLA_CPU_FLAGS = (("--xla_cpu_experimental_ynn_fusion_type", ""),)
 MIN_COMPILE_SECONDS = 0.0  # Every program: a resumed run then compiles nothing the first did.
-MAX_CACHE_BYTES = 2 * 2**30  # JAX deletes the least recently used entries beyond this.
 OFF = ("", "0", "off", "none", "false")
 
 
@@ -72,7 +72,6 @@ def set_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     if path is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-        jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
 
 
 def apply_defaults() -> None:
@@ -91,4 +90,3 @@ def apply_defaults() -> None:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = path
         min_seconds = str(MIN_COMPILE_SECONDS)
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", min_seconds)
-        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(MAX_CACHE_BYTES))
