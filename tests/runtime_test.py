@@ -84,3 +84,22 @@ def test_a_resumed_run_compiles_nothing_that_the_first_run_compiled(tmp_path):
     again = {key: name for name, key in MISS.findall(resumed)}
     assert not again.keys() & compiled.keys()
     assert "jit_window" not in again.values(), sorted(set(again.values()))
+
+
+@pytest.mark.slow
+def test_the_command_line_flag_names_or_turns_off_the_cache(tmp_path):
+    """`--compilation_cache=DIR` wins over `$L2R_COMPILATION_CACHE`; `=off` turns it off."""
+
+    def run(flag, env_cache):
+        env = {**os.environ, "L2R_COMPILATION_CACHE": str(env_cache)}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        cmd = [sys.executable, "-m", "experiments.run", "--config=fig1:smoke",
+               f"--workdir={env_cache}_run", "--config.task_b.methods=('sgd',)",
+               "--config.num_seeds=1", flag]  # fmt: skip
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    run(f"--compilation_cache={tmp_path / 'named'}", tmp_path / "from_env")
+    assert os.listdir(tmp_path / "named") and not (tmp_path / "from_env").exists()
+    run("--compilation_cache=off", tmp_path / "from_env_2")
+    assert not (tmp_path / "from_env_2").exists()
