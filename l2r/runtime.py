@@ -29,12 +29,18 @@ MIN_COMPILE_SECONDS = 0.0  # Every program: a resumed run then compiles nothing 
 OFF = ("", "0", "off", "none", "false")
 
 
+def cache_path(value: str) -> str | None:
+    """A cache folder as the user wrote it (`$L2R_COMPILATION_CACHE`, `--compilation_cache`):
+    its absolute path, or None for `off` (or "", 0, none, false)."""
+    return None if value.strip().lower() in OFF else os.path.abspath(os.path.expanduser(value))
+
+
 def cache_dir() -> str | None:
     """The compilation cache folder l2r uses by default: `$L2R_COMPILATION_CACHE`, else
     `$XDG_CACHE_HOME/l2r/jax` (`~/.cache/l2r/jax`); None when turned off."""
     env = os.environ.get("L2R_COMPILATION_CACHE")
     if env is not None:
-        return None if env.strip().lower() in OFF else os.path.abspath(os.path.expanduser(env))
+        return cache_path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "l2r", "jax")
 

@@ -15,9 +15,9 @@ from experiments.bench.common import median_seconds
 IMAGE_SHAPES = {"cpu": (28, 28, 1), "smoke": (16, 16, 1)}  # exp1's data: Fashion-MNIST, synthetic
 
 
-def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
-    """(config, model, `MetaRun`) of exp1:<preset>'s model on random uint8 data (rates do not
-    depend on it)."""
+def meta_setup(preset, overrides, image_shape, num_classes=5, n=512, model=None, batch=None):
+    """(config, model, `MetaRun`) of exp1:<preset>'s model (or `model`) on random uint8 data
+    (rates do not depend on it); `batch` replaces the student's and each teacher half's batch."""
     from l2r import models, pretrain, training
     from l2r.configs import exp1
     from l2r.meta import episodes, loop
@@ -25,9 +25,12 @@ def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
     config = exp1.get_config(preset)
     for k, v in overrides.items():
         config.meta[k] = v
+    if batch is not None:
+        config.task_b.batch_size = config.task_b.teacher_batch_a = batch
     m = config.model
-    model = models.make_model("convnet", widths=tuple(m.widths), groups=m.groups,
-                              hidden=m.hidden or None)  # fmt: skip
+    if model is None:
+        model = models.make_model("convnet", widths=tuple(m.widths), groups=m.groups,
+                                  hidden=m.hidden or None)  # fmt: skip
     gen = np.random.default_rng(0)
 
     def task(offset):
@@ -44,23 +47,24 @@ def meta_setup(preset, overrides, image_shape, num_classes=5, n=512):
     return config, model, loop.MetaRun(config, model, problem)
 
 
+def window_args(run, s):
+    """(state, inputs, batches, threshold) of an `s`-step window; the threshold is so high
+    that no episode restarts, so every window does the same work."""
+    return run.init(), run.inputs, run.problem.batches(0, s), jnp.float32(1e9)
+
+
 def window_seconds(run, s, repeats):
-    state = run.init()
-    batches = run.problem.batches(0, s)
-    window = run.window(s)
-    thr = jnp.float32(1e9)  # no restarts: every window does the same work
-    return median_seconds(lambda: window(state, run.inputs, batches, thr)[0], repeats)
+    args, window = window_args(run, s), run.window(s)
+    return median_seconds(lambda: window(*args)[0], repeats)
 
 
 def compiled_window(run, s, repeats):
     """(seconds to trace and compile the `s`-step window, median seconds of one window run)."""
-    state = run.init()
-    batches = run.problem.batches(0, s)
-    thr = jnp.float32(1e9)  # no restarts: every window does the same work
+    args = window_args(run, s)
     t0 = time.perf_counter()
-    window = run.window(s).lower(state, run.inputs, batches, thr).compile()
+    window = run.window(s).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    return compile_s, median_seconds(lambda: window(state, run.inputs, batches, thr)[0], repeats)
+    return compile_s, median_seconds(lambda: window(*args)[0], repeats)
 
 
 def teacher_step(run):
@@ -127,8 +131,7 @@ def bench_meta(repeats):
 def window_memory(preset, steps, overrides):
     """XLA's memory analysis of the compiled `steps`-step window of exp1:<preset>'s net."""
     _, _, run = meta_setup(preset, overrides, IMAGE_SHAPES[preset])
-    batches = run.problem.batches(0, steps)
-    return run.window(steps).lower(run.init(), run.inputs, batches, jnp.float32(1e9)).compile()
+    return run.window(steps).lower(*window_args(run, steps)).compile()
 
 
 def bench_memory(tbptt_rows, episode_rows):

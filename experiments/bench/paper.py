@@ -8,36 +8,20 @@ with `--paper_depth=8 --paper_batch=8 --paper_tbptt=2`.
 import math
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from experiments.bench.meta import compiled_window
+from experiments.bench.meta import compiled_window, meta_setup, teacher_step_seconds
 
 
-def paper_setup(depth, batch, overrides, n=1024):
-    """(config, `MetaRun`) of exp1:paper's episodes on random CIFAR-shaped uint8 data."""
-    from l2r import models, pretrain, training
+def paper_setup(depth, batch, overrides):
+    """(config, `MetaRun`) of exp1:paper's episodes, ResNet-`depth`-GN, on random CIFAR-shaped
+    uint8 data."""
+    from l2r import models
     from l2r.configs import exp1
-    from l2r.meta import episodes, loop
 
-    config = exp1.get_config("paper")
-    config.task_b.batch_size = config.task_b.teacher_batch_a = batch
-    for k, v in overrides.items():
-        config.meta[k] = v
-    m = config.model
+    m = exp1.get_config("paper").model
     model = models.make_model("resnet", depth=depth, widths=tuple(m.widths), groups=m.groups)
-    gen, shape = np.random.default_rng(0), (32, 32, 3)
-
-    def task():
-        images = gen.integers(0, 256, (n, *shape), dtype=np.uint8)
-        labels = (np.arange(n) % 5).astype(np.int32)
-        mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
-        return training.DeviceTask(*map(jnp.asarray, (images, labels, images, labels, mean, std)))
-
-    net = pretrain.init_network(model, jax.random.key(0), (1, *shape), 5)
-    problem = episodes.two_tasks(config, model, jax.tree.map(lambda a: a[None], net), task(),
-                                 task())  # fmt: skip
-    return config, loop.MetaRun(config, model, problem)
+    config, _, run = meta_setup("paper", overrides, (32, 32, 3), n=1024, model=model, batch=batch)
+    return config, run
 
 
 def projected_seconds(config, seconds_by_tbptt) -> float:
@@ -53,30 +37,28 @@ def projected_seconds(config, seconds_by_tbptt) -> float:
 
 
 def bench_paper(depth, batch, tbptts, repeats):
-    from experiments.bench.meta import teacher_step_seconds
-
     reps = max(2, repeats // 2)
     e = 4
     title = f"exp1:paper meta-training, ResNet-{depth}-GN, batch {batch}, {e} episodes"
     print(f"\n## {title}, meta-update every inner step, on {jax.devices()[0].device_kind}\n")
     print("| T-BPTT | episodes | compile s | s/window | inner steps/s | vs teacher step |")
     print("|---|---|---|---|---|---|")
-    teacher, seconds, config = None, {}, None
+    teacher, seconds, config = None, {}, None  # seconds: {(T-BPTT, how): s/window}
     rows = [(s, "mapped", 1) for s in tbptts] + [(tbptts[0], "vmapped", e)]
     for s, how, chunk in rows:
         config, run = paper_setup(depth, batch, dict(episode_chunk=chunk))
         if teacher is None:
             teacher = teacher_step_seconds(run, repeats)
         compile_s, sec = compiled_window(run, s, reps)
-        if how == "mapped":
-            seconds[s] = sec
+        seconds[s, how] = sec
         per_step = sec / (e * s)
         print(f"| {s} | {how} | {compile_s:.1f} | {sec:.3f} | {1 / per_step:.1f} | "
               f"{per_step / teacher:.2f}x |")  # fmt: skip
     print(f"| teacher SGD step ({batch} A + {batch} B) | | | | {1 / teacher:.1f} | 1x |\n")
-    mapped = seconds[tbptts[0]]
-    print(f"Episodes vmapped / mapped (time): {sec / mapped:.2f}x")
-    if set(seconds) >= {5, 7, 9}:
-        hours = projected_seconds(config, seconds) / 3600
+    vmapped, mapped = seconds[tbptts[0], "vmapped"], seconds[tbptts[0], "mapped"]
+    print(f"Episodes vmapped / mapped (time): {vmapped / mapped:.2f}x")
+    by_tbptt = {s: sec for (s, how), sec in seconds.items() if how == "mapped"}
+    if set(by_tbptt) >= {5, 7, 9}:
+        hours = projected_seconds(config, by_tbptt) / 3600
         print(f"projected {config.meta.episodes} episodes (each {config.meta.inner_steps} steps, "
               f"no early restarts, episodes mapped): {hours:.1f} h")  # fmt: skip

@@ -77,8 +77,7 @@ def start_runtime() -> None:
     if FLAGS.num_cpu_devices:
         distributed.simulated_cpu_devices(FLAGS.num_cpu_devices)
     if FLAGS.compilation_cache is not None:
-        off = FLAGS.compilation_cache.strip().lower() in runtime.OFF
-        runtime.set_compilation_cache(None if off else os.path.abspath(FLAGS.compilation_cache))
+        runtime.set_compilation_cache(runtime.cache_path(FLAGS.compilation_cache))
     try:
         distributed.initialize()
     except ValueError as e:
