@@ -89,6 +89,12 @@ def check_common(config: ml_collections.ConfigDict, task_b: bool = True) -> None
         p.steps >= 1 and p.batch_size >= 1, "pretrain.steps and pretrain.batch_size must be >= 1."
     )
     require(p.num_checkpoints >= 1, "pretrain.num_checkpoints must be >= 1.")
+    v = config.get("validation", 0.0)
+    require(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
+        f"validation={v!r}; give the share of each class's training examples held out as the "
+        "validation split, in [0, 1) (e.g. 0.1; 0 = report on the test split).",
+    )
     require(
         config.readout.solver in probe.SOLVERS,
         f"readout.solver={config.readout.solver!r}; choose one of {', '.join(probe.SOLVERS)}.",

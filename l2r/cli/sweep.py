@@ -17,6 +17,12 @@ the forgetting of A and the final readout on B (mean ± std over seeds). Runs th
 (`l2r.divergence`) are left out of those numbers and counted in the method cell; a setting
 whose every run of a method diverged reads "diverged" and holds no numbers for it.
 
+`--select=validation` makes it a hyper-parameter selection: every setting runs on a validation
+split held out from each class's training examples (`config.validation`, 10% when unset), each
+method keeps its setting with the best average readout accuracy of A and B at the last step
+there, and the kept settings run again on the test split (`<workdir>/test/`); `selected.md` and
+`selected.json` report those test numbers. The test split is read only by the kept settings.
+
 Every key, value and resulting config is checked before anything runs. A sweep that is
 interrupted resumes where it stopped: settings whose run finished (their `results.json` exists,
 for the same config) are not run again. `--overwrite` reruns them all.
@@ -43,9 +49,20 @@ flags.DEFINE_multi_string(
     [],
     "A field and its values, <field>=<v1>,<v2>,... (repeatable; the cartesian product runs).",
 )
+flags.DEFINE_enum(
+    "select",
+    "",
+    ["", "validation"],
+    "validation: run every setting on a validation split held out from the training data, pick "
+    "each method's best setting there (average readout accuracy of A and B at the last step), "
+    "then run the picked settings on the test split and report those numbers (selected.md).",
+)
 FLAGS = flags.FLAGS
 
 SWEEP_FILE, TABLE_FILE = "sweep.json", "sweep.md"
+SELECTED_FILE, SELECTED_TABLE = "selected.json", "selected.md"
+TEST_DIR = "test"  # <workdir>/test/<run>: the picked settings, rerun on the test split.
+DEFAULT_VALIDATION = 0.1  # Held-out share of the training data when the config sets none.
 EXAMPLE = "--sweep=task_b.learning_rate=0.05,0.1"
 
 
@@ -340,6 +357,11 @@ def _write_tables(workdir: str, config, keys: list[str], rows: list[dict], total
         "Final values at the last probe step; mean ± std over seeds (ddof=1); forgetting = "
         "readout A at step 0 minus at the end (per seed)."
     )
+    if config.get("validation"):
+        note += (
+            f" Measured on the validation split ({100 * config.validation:g}% of each class's "
+            "training examples, held out from training), not on the test split."
+        )
     workdir_lib.write_json_atomic(
         os.path.join(workdir, SWEEP_FILE),
         report.to_jsonable({"keys": keys, "settings_done": done, "settings": total, "rows": rows}),
@@ -387,6 +409,121 @@ def run_sweep(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: b
     return rows
 
 
+# ---------------------------------------------------------------------------- selection
+
+
+def score(row: dict) -> float | None:
+    """What validation selects on: the mean over seeds of the average of the readout
+    accuracies of A and B at the last step; None when every seed diverged."""
+    if row["readout_A"] is None or row["readout_B"] is None:
+        return None
+    return (row["readout_A"]["mean"] + row["readout_B"]["mean"]) / 2
+
+
+def select(rows: list[dict]) -> dict[str, dict | None]:
+    """{method: its picked row} from `summary_rows` rows of every setting, in method order of
+    first appearance: the highest `score` among settings where no seed diverged (failing those,
+    the fewest diverged seeds); ties go to the earlier setting. None: every run diverged."""
+    picked = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [(i, r) for i, r in enumerate(rows) if r["method"] == method]
+        usable = [(r["diverged"], -score(r), i, r) for i, r in mine if score(r) is not None]
+        picked[method] = min(usable, key=lambda t: t[:3])[3] if usable else None
+    return picked
+
+
+def selection_markdown(selected: list[dict], keys: list[str], config) -> str:
+    """The selected settings and their test numbers, one row per method."""
+    stats = [("readout_A_before", "readout A before (%)"), ("readout_A", "readout A after (%)"),
+             ("forgetting_A", "forgetting A (pts)"), ("readout_B", "readout B (%)")]  # fmt: skip
+    lines = [
+        f"# Hyper-parameters selected on validation: {', '.join(keys)}",
+        "",
+        f"Experiment `{config.experiment}`, preset `{config.get('preset', '')}`, "
+        f"{config.num_seeds} seeds. Each method's setting is the one with the highest average of "
+        "readout A and readout B at the last step on the validation split "
+        f"({100 * selected[0]['validation']:g}% of each class's training examples, held out); "
+        "the numbers are that setting rerun on the test split (mean ± std over seeds).",
+        "",
+        "| method | " + " | ".join(keys) + " | validation score (%) | "
+        + " | ".join(title for _, title in stats) + " | average A, B (%) |",
+        "|" + "---|" * (len(keys) + 3 + len(stats)),
+    ]  # fmt: skip
+    for row in selected:
+        if row["setting"] is None:
+            cells = [row["method"], *("—" for _ in keys), "diverged at every setting"]
+            cells += ["" for _ in range(len(stats) + 1)]
+        else:
+            test = row["test"]
+            cells = [divergence.table_label(row["method"], test["diverged"], test["runs"])]
+            cells += [_fmt_value(row["setting"][k]) for k in keys]
+            cells.append(f"{100 * row['validation_score']:.1f}")
+            cells += [_percent(test[s]) for s, _ in stats]
+            avg = score(test)
+            cells.append("diverged" if avg is None else f"{100 * avg:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_selection(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: bool = False):
+    """Selects each method's setting of `sweeps` on validation data and reports it on test data.
+
+    Every setting runs as in `run_sweep` with `validation` on (the config's share, or
+    `DEFAULT_VALIDATION` when it has none), so it never reads the test split; each method's
+    setting is picked by `select`; the picked settings then run again with validation off in
+    `<workdir>/test/<run>/`, each with only the methods that picked it (methods that no swept
+    field touches pick the first setting and reuse the cached runs). Writes `selected.json` and
+    `selected.md` in `workdir`.
+
+    Returns:
+      One dict per method: "method", "run", "setting" (None if every run diverged),
+      "validation" (the held-out share), "validation_score", "validation_row" and "test" (its
+      `summary_rows` row on the test split).
+    """
+    workdir = os.path.abspath(workdir)
+    fraction = config.get("validation") or DEFAULT_VALIDATION
+    val_config, test_config = copy.deepcopy(config), copy.deepcopy(config)
+    with val_config.unlocked(), test_config.unlocked():
+        val_config.validation, test_config.validation = float(fraction), 0.0
+    planned = plan(val_config, sweeps, workdir)  # Checks every setting before anything runs.
+    keys = [k for k, _ in sweeps]
+    rows = run_sweep(val_config, workdir, sweeps, overwrite, planned)
+    picked = select(rows)
+    by_run = {}
+    for method, row in picked.items():
+        if row is not None:
+            by_run.setdefault(row["run"], (row["setting"], []))[1].append(method)
+    test_rows = {}
+    os.makedirs(os.path.join(workdir, TEST_DIR), exist_ok=True)
+    for name, (setting, methods) in by_run.items():
+        cfg = configure(test_config, setting, workdir)
+        with cfg.unlocked():
+            cfg.task_b.methods = tuple(methods)
+        path = os.path.join(workdir, TEST_DIR, name)
+        results = None if overwrite else _load_finished(path, cfg)
+        if results is None:
+            logging.info("Test run of %s for %s", _describe(setting), ", ".join(methods))
+            with workdir_lib.locked(path, overwrite):
+                results = _pipeline(cfg).run(cfg, path)
+        for r in summary_rows(name, setting, results):
+            test_rows[(name, r["method"])] = r
+    selected = []
+    for method, row in picked.items():
+        entry = {"method": method, "validation": fraction, "run": None, "setting": None,
+                 "validation_score": None, "validation_row": None, "test": None}  # fmt: skip
+        if row is not None:
+            entry.update(run=row["run"], setting=row["setting"], validation_score=score(row),
+                         validation_row=row, test=test_rows[(row["run"], method)])  # fmt: skip
+        selected.append(entry)
+    if distributed.is_main():
+        saved = report.to_jsonable({"keys": keys, "selected": selected})
+        workdir_lib.write_json_atomic(os.path.join(workdir, SELECTED_FILE), saved)
+        table = selection_markdown(selected, keys, config)
+        workdir_lib.write_atomic(os.path.join(workdir, SELECTED_TABLE), table.encode())
+        logging.info("Selected on validation, measured on test:\n%s", table)
+    return selected
+
+
 def run_main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -399,7 +536,10 @@ def run_main(argv):
             run_lib.start_runtime()
             sweeps = parse_sweeps(FLAGS.config, FLAGS.sweep)
             planned = plan(FLAGS.config, sweeps, os.path.abspath(FLAGS.workdir))
-        run_sweep(FLAGS.config, FLAGS.workdir, sweeps, FLAGS.overwrite, planned)
+        if FLAGS.select == "validation":
+            run_selection(FLAGS.config, FLAGS.workdir, sweeps, FLAGS.overwrite)
+        else:
+            run_sweep(FLAGS.config, FLAGS.workdir, sweeps, FLAGS.overwrite, planned)
     except (SweepError, ConfigError, DataError, workdir_lib.WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

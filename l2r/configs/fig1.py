@@ -27,6 +27,10 @@ def get_config(arg=None):
     c.preset = preset
     c.seed = 0  # Root of every random stream (data order, init, heads).
     c.num_seeds = 5  # Task-B runs per method (§5: mean of 5 runs), a vmapped axis.
+    # Share of each class's training examples held out as the validation split that replaces
+    # the test split (0 = off: numbers are test numbers). `l2r-sweep --select=validation`
+    # selects hyper-parameters with it on, then reports the chosen ones on the test split.
+    c.validation = 0.0
     c.data = common.data_config()
     c.model = common.model_config()
     c.pretrain = common.pretrain_config()

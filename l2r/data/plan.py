@@ -46,9 +46,22 @@ def load_dataset(data: ml_collections.ConfigDict) -> sources.Dataset:
     return sources.load(data.source, **kwargs)
 
 
+def load_data(config, data: ml_collections.ConfigDict | None = None) -> sources.Dataset:
+    """The dataset `data` names (default `config.data`) as the experiment sees it: with
+    `config.validation` > 0, its test split replaced by a validation split held out from its
+    training split (`tasks.validation_split`; the same examples wherever the dataset is loaded),
+    so that nothing of the run reads the real test split."""
+    dataset = load_dataset(config.data if data is None else data)
+    fraction = config.get("validation", 0.0)
+    if not fraction:
+        return dataset
+    seed = rng.seed_for(config.seed, f"validation/{dataset.name}")
+    return tasks.validation_split(dataset, fraction, seed)
+
+
 def build_tasks(config):
     """Loads the data and returns (Task A, Task B, per-channel mean, std)."""
-    dataset = load_dataset(config.data)
+    dataset = load_data(config)
     task_a, task_b = tasks.split_task(dataset, config.data.classes_a, config.data.classes_b)
     mean, std = tasks.normalization_stats(dataset.train)
     logging.info(
@@ -74,7 +87,7 @@ class MetaPlan(NamedTuple):
 def _load_pool(config, pool) -> tasks.Task:
     """The pool of classes `pool.classes` of the dataset `pool` names ("" = the Task-A data),
     labels 0..P-1 in the order of `pool.classes`."""
-    dataset = load_dataset(pool if pool.source else config.data)
+    dataset = load_data(config, pool if pool.source else config.data)
     return tasks.make_task(dataset, pool.classes, f"{dataset.name}-pool")
 
 
@@ -147,7 +160,7 @@ def sample_task_pairs(num_classes: int, n_way: int, num: int, seed: int, disjoin
 
 def sequence_plan(config) -> SequencePlan:
     """Task 1, the pools (checked disjoint), the episodes' task pairs and the meta-test pairs."""
-    dataset = load_dataset(config.data)
+    dataset = load_data(config)
     task_1 = tasks.make_task(dataset, config.data.classes_a, "1")
     train_pool, test_pool = load_pools(config, task_1)
     p = config.pools

@@ -277,3 +277,39 @@ def subsample(split: Split, n: int, seed: int) -> Split:
     )
     keep.sort()
     return Split(split.images[keep], split.labels[keep])
+
+
+def validation_split(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """`dataset` with a validation split carved from its training split in place of its test
+    split: each class keeps round(fraction · its count) of its training examples (at least one
+    when it has two or more) as the new test split, the rest as the new training split.
+
+    Every task, pool and probe built from the result sees only the training split's examples,
+    so a run on it never reads the real test split (hyper-parameter selection, `l2r-sweep
+    --select=validation`). Deterministic in `seed`; the original order is kept within each part.
+
+    Raises:
+      DataError: `fraction` is not in (0, 1), or a class has fewer than two training examples.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(
+            f"validation fraction {fraction!r} must be in (0, 1): the share of each class's "
+            "training examples held out (e.g. 0.1); 0 turns validation off."
+        )
+    labels = np.asarray(dataset.train.labels)
+    gen = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            raise DataError(
+                f"{dataset.name}: class {dataset.class_names[c]!r} has {len(idx)} training "
+                "example(s); a validation split needs at least 2 per class. Turn validation off "
+                "(--config.validation=0) or use more data."
+            )
+        k = min(max(1, round(fraction * len(idx))), len(idx) - 1)
+        held.append(gen.permutation(idx)[:k])
+    val = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)
+    take = lambda i: Split(dataset.train.images[i], dataset.train.labels[i])  # noqa: E731
+    return dataclasses.replace(dataset, train=take(keep), test=take(val))

@@ -133,7 +133,7 @@ def load(config: ml_collections.ConfigDict):
     check_config(config)
     seq = plan.sequence_plan(config)
     check_sizes(config, seq)
-    mean, std = tasks.normalization_stats(plan.load_dataset(config.data).train)
+    mean, std = tasks.normalization_stats(plan.load_data(config).train)
     return seq, mean, std
 
 
