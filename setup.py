@@ -5,7 +5,7 @@ import sys
 import setuptools
 
 # Said before pip resolves the dependencies (which would end in a ResolutionImpossible on jaxlib).
-if sys.version_info < (3, 11):
+if sys.version_info < (3, 11):  # noqa: UP036 (checked before pip resolves anything)
     sys.exit(f"l2r requires Python >= 3.11 (jax >= 0.10 and numpy 2.4 do); this is Python "
              f"{sys.version.split()[0]}. Install with python3.11 or newer.")  # fmt: skip
 
@@ -26,6 +26,7 @@ setuptools.setup(
         "console_scripts": [
             "l2r-run = l2r.cli.run:main",
             "l2r-sweep = l2r.cli.sweep:main",
+            "l2r-validate = l2r.cli.validate:main",
         ]
     },
     install_requires=[

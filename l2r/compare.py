@@ -6,6 +6,15 @@ same starting networks, fresh heads and batches per seed through `l2r.task_b`, p
 task. Methods that do not start from the plain Task-A network (HAT, Rep, OML, §4) get their
 own starts from `method_starts`. `merge_runs` stacks the comparisons of several meta-test
 tasks along the seed axis.
+
+Per-layer CKA (`task_b.cka_layers`) is measured against two references: each method's start
+network, and the multi-task teacher at the same probe step and seed when the teacher is
+compared. So that the teacher's per-layer views are at hand for every other method, the
+teacher runs (or is read from the cache) first, and only its views are kept (in its cache file);
+each other method's CKA to it is measured as the method runs and cached with the teacher's
+`history_key`, so a cached method whose teacher has since changed runs again. The teacher's
+cache file holds S × P × `readout.layer_cka_size` × (the unit layers' channels) float32 (Fig. 1
+`paper`, ResNet-32: 5 × 21 × 500 × 1232, about 260 MB); the others' hold only [S, P, L].
 """
 
 import functools
@@ -22,6 +31,8 @@ from l2r.data import tasks
 from l2r.methods.base import Method
 
 HEADS = ("head_a", "head_b", "head_c", "head_d", "head_e")  # task k's head: HEADS[k]
+TEACHER = "teacher"  # The method per-layer CKA is also measured against (`to_teacher`).
+LAYER_REFERENCES = ("to_pretrained", "to_teacher")  # results["layer_cka"]'s references
 
 
 def readout_config(config) -> probe.ReadoutConfig:
@@ -137,7 +148,17 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
       {"methods": {name: {metric: [S, P]}}, "steps", "seeds",
        "timing": {"task_b_s": {name: seconds its training took, when it ran},
                   "probe_s": seconds spent probing in this call,
-                  "task_b_reused": names read from `cache_dir`}}.
+                  "task_b_reused": names read from `cache_dir`},
+       "layer_cka": {"layers": [L layer paths, in network order],
+                     "to_pretrained": {name: [S, P, L]}, "to_teacher": {name: [S, P, L]}}}.
+      `layer_cka` (absent when `readout.layer_cka_size` is 0 or the model records no taps):
+      linear CKA, per layer (`task_b.cka_layers`: each unit layer's output averaged over space),
+      on the first task's first `layer_cka_size` probe test images, to the method's start
+      network (at step 0, the pre-Task-B network, or the method's own start: as `cka_<first>`)
+      and to the teacher at the same probe step and seed (every method, the teacher's own CKA
+      being 1; empty when the teacher is not among `methods`). Methods with a task-dependent
+      representation are measured through their own first-task forward pass (`Method.taps`:
+      HAT's Task-A gates), or through the plain backbone when they give none.
     """
     k_tasks = len(task_list) - 1
     names = names or (("A", "B") if k_tasks == 1 else tuple(str(i + 1) for i in range(k_tasks + 1)))
@@ -164,12 +185,21 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
     ))  # fmt: skip
     networks0 = start_of(None)
     first = task_list[0]
+    probe_sets = tuple(seeds.replicate(probe_task(t, mean, std, config.readout,
+                                                  f"probe_{n.lower()}", config.seed))
+                       for t, n in zip(task_list, names, strict=True))  # fmt: skip
+    layer_size = min(config.readout.get("layer_cka_size", 0), probe_sets[0].test_labels.shape[0])
+    layers = {}
+    if layer_size:
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                           networks0["backbone"])  # fmt: skip
+        layers = task_b.cka_layers(model, one, first.test.images.shape[1:])
     sets = task_b.ProbeSets(
-        tasks=tuple(seeds.replicate(probe_task(t, mean, std, config.readout,
-                                               f"probe_{n.lower()}", config.seed))
-                    for t, n in zip(task_list, names, strict=True)),
+        tasks=probe_sets,
         cka_size=min(config.readout.cka_size or len(first.test.labels), len(first.test.labels)),
-    )  # fmt: skip
+        layer_cka_size=layer_size if layers else 0,
+        layers=tuple(layers.items()),
+    )
     probe_fn = task_b.make_probe(model, readout_config(config), names, HEADS[: k_tasks + 1],
                                  num_classes, seeds.chunk)  # fmt: skip
     probe_s = 0.0  # Seconds spent probing in this call (cached histories cost none).
@@ -181,8 +211,8 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
         nonlocal initial, probe_s
         if initial is None:
             t1 = time.time()
-            metrics0, ref_rep = probe_fn(networks0, sets)
-            initial = seeds.host(metrics0), ref_rep
+            metrics0, snapshot = probe_fn(networks0, sets)
+            initial = seeds.host(metrics0), snapshot
             logging.info(
                 "Before the first phase: readout %s %.2f%%, original %s %.2f%%",
                 names[0],
@@ -193,55 +223,101 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
             probe_s += time.time() - t1
         return initial
 
-    histories, train_times, reused = {}, {}, []
+    histories, train_times, reused, layer_cka = {}, {}, [], {}
     probe_steps = list(range(0, sum(steps) + 1, config.task_b.probe_every))
     if cache_dir is not None:
         splits = [(t.train.images, t.train.labels, t.test.images, t.test.labels)
                   for t in task_list]  # fmt: skip
         data_digest = checkpoint.digest([mean, std, splits])
-    for per_phase in methods:
+    display = [m[0].name for m in methods]
+    with_teacher = bool(layers) and TEACHER in display
+    teacher = teacher_key = None  # The teacher's per-layer views [S, P, n, C] and cache key.
+    # The teacher first, so that every other method can be measured against it.
+    for per_phase in sorted(methods, key=lambda m: m[0].name != TEACHER):
         name = per_phase[0].name
         own = name in starts or per_phase[0].represent is not None
-        path = None
+        path = key = None
         if cache_dir is not None:
             key = task_b.history_key(config, per_phase, starts.get(name, pretrained), data_digest)
             path = os.path.join(cache_dir, f"{name}-{key}.npz")
         run_phases = [task_b.Phase(m, *p) for m, p in zip(per_phase, phases, strict=True)]
+        is_teacher, vs_teacher = with_teacher and name == TEACHER, with_teacher and name != TEACHER
         found = task_b.load_history(path)
+        if found is not None and layers:
+            kept = found.layers
+            stale = ("to_pretrained" not in kept or (is_teacher and "reps" not in kept)
+                     or (vs_teacher and kept.get("teacher_key") != teacher_key))  # fmt: skip
+            if stale:
+                logging.info("Running %s again: its cached per-layer CKA was measured against "
+                             "another teacher (or none).", name)  # fmt: skip
+                found = None
         writer = writers(f"{run_prefix}/{name}")
         if found is None:
-            history, train_s, method_probe_s = task_b.run_phases(
+            run = task_b.run_phases(
                 run_phases, start_of(name) if own else networks0, config, probe_fn, sets,
                 None if own else initial_probe(), seeds, writer,
+                teacher=teacher if vs_teacher else None, keep_reps=is_teacher,
             )  # fmt: skip
-            task_b.save_history(path, history, train_s, method_probe_s)
-            probe_s += method_probe_s
+            saved = dict(run.layers)
+            if vs_teacher and teacher_key is not None:
+                saved["teacher_key"] = teacher_key
+            task_b.save_history(path, run.history, run.train_s, run.probe_s, saved)
+            probe_s += run.probe_s
         else:
-            history, train_s, _ = found
-            tracking.write_history(writer, probe_steps, history)
+            run = found
+            tracking.write_history(writer, probe_steps, run.history)
             reused.append(name)
-        histories[name] = history
-        train_times[name] = train_s
-    return {
+        histories[name] = run.history
+        train_times[name] = run.train_s
+        if layers:
+            refs = LAYER_REFERENCES if vs_teacher else LAYER_REFERENCES[:1]
+            layer_cka[name] = {k: run.layers[k] for k in refs}
+        if is_teacher:
+            teacher, teacher_key = run.layers["reps"], key
+            widths = tuple(layers.values())
+            layer_cka[name]["to_teacher"] = np.asarray(task_b.layer_cka(teacher, teacher, widths))
+    out = {
         "steps": probe_steps,
         "seeds": list(range(s)),
-        "methods": histories,
-        "timing": {"task_b_s": train_times, "probe_s": probe_s, "task_b_reused": reused},
+        "methods": {n: histories[n] for n in display},
+        "timing": {
+            "task_b_s": {n: train_times[n] for n in display},
+            "probe_s": probe_s,
+            "task_b_reused": [n for n in display if n in reused],
+        },
     }
+    if layers:
+        out["layer_cka"] = {
+            "layers": list(layers),
+            **{
+                ref: {n: layer_cka[n][ref] for n in display if ref in layer_cka[n]}
+                for ref in LAYER_REFERENCES
+            },
+        }
+    return out
 
 
 def merge_runs(parts: list[dict]) -> dict:
-    """The comparisons of several meta-test tasks as one: runs stacked along the seed axis."""
+    """The comparisons of several meta-test tasks as one: runs stacked along the seed axis
+    (per-layer CKA's too)."""
     first = parts[0]
     methods = {
         name: {k: np.concatenate([p["methods"][name][k] for p in parts]) for k in hist}
         for name, hist in first["methods"].items()
     }
     runs = sum(len(p["seeds"]) for p in parts)
+    merged = {}
+    if "layer_cka" in first:
+        merged["layer_cka"] = {
+            "layers": first["layer_cka"]["layers"],
+            **{ref: {n: np.concatenate([p["layer_cka"][ref][n] for p in parts])
+                     for n in first["layer_cka"][ref]}
+               for ref in LAYER_REFERENCES},
+        }  # fmt: skip
     timing = {
         "task_b_s": {n: sum(p["timing"]["task_b_s"][n] for p in parts) for n in methods},
         "probe_s": sum(p["timing"]["probe_s"] for p in parts),
         "task_b_reused": sorted({n for p in parts for n in p["timing"].get("task_b_reused", ())}),
     }
     return {"steps": first["steps"], "seeds": list(range(runs)), "methods": methods,
-            "timing": timing}  # fmt: skip
+            "timing": timing, **merged}  # fmt: skip

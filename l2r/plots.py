@@ -1,6 +1,7 @@
 """Figures of an experiment's results: Fig.-1-style curves of every method (mean ± std over
-seeds, diverged runs left out), readable method and metric names, the learned rule set apart,
-each figure as PNG and PDF. Uses `Figure` directly (Agg canvas, no pyplot state)."""
+seeds, diverged runs left out) and per-layer CKA at the last step, readable method and metric
+names, the learned rule set apart, each figure as PNG and PDF. Uses `Figure` directly (Agg
+canvas, no pyplot state)."""
 
 import io
 import os
@@ -152,11 +153,65 @@ def legend_label(method: str, num_dropped: int, num_runs: int) -> str:
     return divergence.figure_label(display_name(method), num_dropped, num_runs)
 
 
+def layer_cka_figure(results, step=None) -> Figure:
+    """Per-layer CKA at probe `step` (default: the last): one panel per reference of
+    `results["layer_cka"]` (`report.layer_references`: to the pre-trained network, to the
+    teacher), layers in network order along x, and per method its mean over seeds with ± std
+    error bars, styled and labelled as `curves_figure` does. Runs left out of the tables
+    (`report.layer_rows_dropped`) are left out here too."""
+    refs = report.layer_references(results)
+    layers = results["layer_cka"]["layers"]
+    p = report.step_index(results, step)
+    x = np.arange(len(layers))
+    methods = list(results["methods"])
+    styles = method_styles(methods)
+    width = max(4.5, 0.3 * len(layers))
+    fig = Figure(figsize=(width * len(refs) + 2.0, 4.5), layout="constrained")
+    axes = fig.subplots(1, len(refs), sharey=True, squeeze=False)[0]
+    dropped = divergence.dropped_rows(results)
+    lines = {}
+    for ax, ref in zip(axes, refs, strict=True):
+        for method in methods:
+            if method not in results["layer_cka"][ref]:
+                continue
+            label = report.method_label(results, method, dropped, legend_label)
+            cka = report.kept_layer_cka(results, ref, method, dropped)[:, p]  # [S', L]
+            style = styles[method]
+            if cka.shape[0]:
+                mean, std = report.mean_std(cka)
+                lines[method] = ax.errorbar(x, mean, yerr=std, label=label, marker="o", ms=3,
+                                            capsize=2, **style)  # fmt: skip
+            elif method not in lines:  # Every run diverged: a legend entry, no line.
+                lines[method] = Line2D([], [], color=style["color"], ls=":", label=label)
+        ax.set(title=report.LAYER_REFERENCES[ref], xlabel="layer (input → head)")
+        ax.set_xticks(x, layers, rotation=90 if len(layers) > 6 else 0, fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"linear CKA at step {results['steps'][p]}")
+    n_seeds = len(results["seeds"])
+    fig.suptitle(f"{results.get('experiment', '')}: per-layer CKA, mean ± std over {n_seeds} "
+                 "seeds")  # fmt: skip
+    handles = [lines[m] for m in methods if m in lines]
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside right center",
+               fontsize="small")  # fmt: skip
+    return fig
+
+
+def plot_layer_cka(results, workdir, prefix: str = "fig1") -> str | None:
+    """`layer_cka_figure` as `{prefix}_layer_cka.png` with its PDF; returns the PNG's path, or
+    None (nothing drawn) when `results` holds no per-layer CKA."""
+    if not report.layer_references(results):
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"{prefix}_layer_cka.png")
+    return save_figure(layer_cka_figure(results), path)
+
+
 def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
     """Plots Fig.-1-style curves (`curves_figure`) as PNGs, each with its PDF (`save_figure`):
-    `{prefix}_task_A.png` and `{prefix}_task_B.png` (a Readout and an Original panel) and, when
-    cka_* metrics exist, `{prefix}_cka.png`; returns the PNGs' paths. Uses `Figure` directly
-    (Agg canvas, no pyplot state), so it is safe headless and in threads."""
+    `{prefix}_task_A.png` and `{prefix}_task_B.png` (a Readout and an Original panel), when
+    cka_* metrics exist `{prefix}_cka.png`, and when per-layer CKA was measured
+    `{prefix}_layer_cka.png` (`plot_layer_cka`); returns the PNGs' paths. Uses `Figure`
+    directly (Agg canvas, no pyplot state), so it is safe headless and in threads."""
     os.makedirs(workdir, exist_ok=True)
     metrics = report.metric_names(results)
     figures = {
@@ -170,4 +225,5 @@ def plot_curves(results, workdir, prefix: str = "fig1") -> list[str]:
         if present:
             fig = curves_figure(results, present, ylabel)
             paths.append(save_figure(fig, os.path.join(workdir, f"{prefix}_{name}.png")))
-    return paths
+    layer = plot_layer_cka(results, workdir, prefix)
+    return paths + ([layer] if layer else [])

@@ -2,7 +2,8 @@
 and TensorBoard.
 
 The runner produces a results dict (see `write_report`) whose per-method metrics are arrays of
-shape [S, P]: S seeds by P probe steps. Accuracies are fractions in [0, 1] and are shown in
+shape [S, P]: S seeds by P probe steps, and whose per-layer CKA (`layer_cka`, when measured) is
+[S, P, L] per method and reference. Accuracies are fractions in [0, 1] and are shown in
 percent; every statistic is mean ± std over seeds.
 """
 
@@ -130,7 +131,8 @@ def metric_names(results) -> list[str]:
     return list(names)
 
 
-def _step_index(results, step) -> int:
+def step_index(results, step) -> int:
+    """The column of probe `step` in `results`' [S, P] arrays (None: the last)."""
     steps = list(results["steps"])
     if step is None:
         return len(steps) - 1
@@ -153,7 +155,7 @@ def summary_table(results, step=None) -> str:
     per-seed differences. Runs that diverged (`l2r.divergence`) are left out of every cell, and
     the method cell says how many; a method whose every run diverged reads "diverged".
     """
-    p = _step_index(results, step)
+    p = step_index(results, step)
     metrics = metric_names(results)
     derived = [
         (m, f)
@@ -203,8 +205,73 @@ def curves_table(results, metric: str) -> str:
     return f"**{metric}{unit}**\n\n" + _table(header, rows)
 
 
+# results["layer_cka"]'s references (`l2r.compare`), as the report names them.
+LAYER_REFERENCES = {
+    "to_pretrained": "CKA to the pre-trained network",
+    "to_teacher": "CKA to the multi-task teacher",
+}
+
+
+def layer_references(results) -> list[str]:
+    """The references of `results["layer_cka"]` that hold values, in `LAYER_REFERENCES` order;
+    [] when per-layer CKA was not measured."""
+    layer = results.get("layer_cka") or {}
+    return [r for r in LAYER_REFERENCES if layer.get(r)]
+
+
+def layer_rows_dropped(results, reference: str, method: str, dropped: dict) -> list[int]:
+    """The runs of `method` that per-layer CKA to `reference` leaves out: those that diverged
+    and, for CKA to the teacher, those whose teacher run (same seed) diverged."""
+    rows = set(dropped.get(method, []))
+    if reference == "to_teacher":
+        rows |= set(dropped.get("teacher", []))
+    return sorted(rows)
+
+
+def kept_layer_cka(results, reference: str, method: str, dropped: dict) -> np.ndarray:
+    """Per-layer CKA of `method` to `reference` as float [S', P, L] over the runs kept
+    (`layer_rows_dropped`); NaN where undefined (null in results.json)."""
+    x = np.asarray(results["layer_cka"][reference][method], dtype=np.float64)
+    return divergence.kept(x, layer_rows_dropped(results, reference, method, dropped))
+
+
+def layer_cka_table(results, reference: str, step=None) -> str:
+    """Markdown table of per-layer CKA to `reference` ("to_pretrained" or "to_teacher") at
+    probe `step` (default: the last): a row per layer in network order, a column per method,
+    mean ± std over the runs kept (`layer_rows_dropped`; the column says how many of the
+    method's own diverged, as `curves_table`)."""
+    p = step_index(results, step)
+    layer = results["layer_cka"]
+    methods = list(layer[reference])
+    dropped = divergence.dropped_rows(results)
+    values = [kept_layer_cka(results, reference, m, dropped)[:, p] for m in methods]  # [S', L]
+    rows = [[f"`{name}`"] + [_cell(x[:, i : i + 1], percent=False) for x in values]
+            for i, name in enumerate(layer["layers"])]  # fmt: skip
+    header = ["layer"] + [method_label(results, m, dropped, divergence.table_label)
+                          for m in methods]  # fmt: skip
+    return f"**{LAYER_REFERENCES[reference]}**\n\n" + _table(header, rows)
+
+
+def layer_cka_sections(results, step=None) -> list[str]:
+    """The markdown parts of per-layer CKA at probe `step` (default: the last): a heading, what
+    is measured, and a `layer_cka_table` per reference; [] when it was not measured."""
+    refs = layer_references(results)
+    if not refs:
+        return []
+    p = step_index(results, step)
+    note = (
+        f"Step {results['steps'][p]}; linear CKA of each layer's output averaged over space "
+        "(per channel), on the first task's test images, to the method's own start network "
+        "(the pre-trained one but for methods with their own start) and to the multi-task "
+        "teacher at the same step and seed; layers in network order; mean ± std over seeds, "
+        "less the diverged runs (and, to the teacher, the seeds whose teacher run diverged)."
+    )
+    return ["## Per-layer CKA", note, *(layer_cka_table(results, r, step) for r in refs)]
+
+
 def write_markdown(results, workdir, title=None) -> str:
-    """Writes `<workdir>/results.md`: title, setup line, summary table and accuracy curves."""
+    """Writes `<workdir>/results.md`: title, setup line, summary table, per-layer CKA (when
+    measured) and accuracy curves."""
     os.makedirs(workdir, exist_ok=True)
     steps, seeds = list(results["steps"]), list(results.get("seeds", []))
     title = title or f"l2r results: {results.get('experiment', 'experiment')}"
@@ -222,6 +289,7 @@ def write_markdown(results, workdir, title=None) -> str:
             "## Continual-learning view (readout accuracy; rows: before / after Task B)",
             cl_metrics.markdown_table(results),
         ]
+    parts += layer_cka_sections(results)
     parts.append("## Curves")
     metrics = metric_names(results)
     parts += [
@@ -414,7 +482,9 @@ def write_report(results, workdir, prefix: str = "fig1") -> dict[str, str]:
     returns {artefact: path} (see `write_artefacts`).
 
     `results` holds "experiment", "preset", "config" (plain dict), "steps" (probe steps [P]),
-    "seeds" [S], "methods" ({method: {metric: [S, P] array}}, display order) and "timing".
+    "seeds" [S], "methods" ({method: {metric: [S, P] array}}, display order), "timing" and,
+    when measured, "layer_cka" ({"layers": [L], "to_pretrained" / "to_teacher": {method:
+    [S, P, L] array}}, `l2r.compare.compare`).
     """
     artefacts = write_artefacts(results, workdir, prefix)
     return {"json": write_results_json(results, workdir), **artefacts}

@@ -8,6 +8,10 @@ every task between chunks. Seeds are a mapped axis, split over the devices (`tra
 Every method sees the same batches, heads and starting networks for a seed, so differences
 between methods are the methods'.
 
+Each probe also measures per-layer CKA (`cka_layers`, `layer_cka`): every unit layer's output,
+averaged over space, on the first task's first `readout.layer_cka_size` test images, against
+the start network's (and, given the teacher's, against the teacher's at the same step).
+
 A method's histories are cached (`save_history`, `load_history`) under a key of exactly what
 they depend on (`history_key`), so an interrupted comparison resumes at its first unfinished
 method and adding a method to a finished one costs only that method.
@@ -52,14 +56,76 @@ class ProbeSets(NamedTuple):
 
     tasks: tuple  # (training.DeviceTask, ...): readout fit on .train, accuracy on .test
     cka_size: int  # CKA uses the first cka_size test images of the first task
+    # Per-layer CKA uses the first layer_cka_size test images of the first task (0: off) ...
+    layer_cka_size: int = 0
+    # ... at these layers, ((path, channels), ...) in network order (`cka_layers`).
+    layers: tuple = ()
+
+
+class Layers(NamedTuple):
+    """A probe's per-layer view of the networks, on the first task's first `layer_cka_size`
+    test images: each layer of `ProbeSets.layers` by its output averaged over space ([n, C_l]
+    per layer, not the whole feature map: cheap to compute, keep and compare)."""
+
+    reps: jax.Array  # [S, n, C]: the layers' pooled outputs, concatenated in network order
+    cka: jax.Array  # [S, L]: linear CKA of each layer to the reference's (the start's)
+
+
+class Snapshot(NamedTuple):
+    """What a probe keeps of the networks besides its metrics: the references later probes
+    compare with (`make_probe`'s `ref`)."""
+
+    rep: jax.Array  # [S, cka_size, D]: first-task representations (cka_<first>'s reference)
+    layers: Layers | None  # None: per-layer CKA is off
+
+
+def cka_layers(model: models.Model, backbone, image_shape) -> dict[str, int]:
+    """{layer path: channels} of the layers per-layer CKA measures, in network order: the
+    model's unit layers (`Model.units`: every GroupNorm and dense layer, the outputs HAT gates;
+    in a ResNet before the residual sum) that record a `Tap`; for a backbone without a layout,
+    every layer that records one, in recording order; {} for one that records none or takes no
+    `taps` argument (a user module: per-layer CKA is then off, and the log says why).
+
+    Args:
+      backbone: one network's backbone params (or their `jax.ShapeDtypeStruct`s).
+      image_shape: (H, W, C) of the inputs.
+    """
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    try:
+        taps = jax.eval_shape(lambda p, x: model.apply(p, x, taps=True).taps, backbone, x)
+    except TypeError as e:  # A module whose __call__ has no `taps`.
+        logging.info("No per-layer CKA: model %s records no taps (%s).", model.name, e)
+        return {}
+    taps = taps or {}
+    names = [u for u in model.units if u in taps] or list(taps)
+    return {n: int(taps[n].outputs.shape[-1]) for n in names}
+
+
+@functools.partial(jax.jit, static_argnames="widths")
+def layer_cka(x_SNC: jax.Array, y_SNC: jax.Array, widths: tuple[int, ...]) -> jax.Array:
+    """[*S, L] linear CKA (`probe.linear_cka`), layer by layer, between two per-layer views
+    [*S, n, C] of the same n inputs (`Layers.reps`: the layers' channels `widths`, C in all,
+    concatenated in order); *S: any leading dims (seeds, probe steps)."""
+    lead = x_SNC.shape[:-2]
+    x = x_SNC.reshape((-1, *x_SNC.shape[-2:]))
+    y = y_SNC.reshape((-1, *y_SNC.shape[-2:]))
+    bounds = np.cumsum((0, *widths))
+    cka = [jax.vmap(probe.linear_cka)(x[..., a:b], y[..., a:b])
+           for a, b in zip(bounds[:-1], bounds[1:], strict=True)]  # fmt: skip
+    return jnp.stack(cka, axis=-1).reshape((*lead, len(widths)))
 
 
 def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, names, heads, num_classes,
                chunk: int | None = None):  # fmt: skip
-    """Returns jitted probe(networks_S, sets, ref_rep_S, represent) -> (metrics {name: [S]},
-    rep_S), measuring tasks `names` whose heads are `heads` and class counts `num_classes`.
-    `represent`: a method's task-dependent representation (`Method.represent`, task k = index
-    into `names`), or None for the backbone's. `chunk`: seeds vmapped together."""
+    """Returns probe(networks_S, sets, ref, method) -> (metrics {name: [S]}, Snapshot),
+    measuring tasks `names` whose heads are `heads` and class counts `num_classes`.
+    `ref`: the `Snapshot` of the networks the CKAs compare with (the start), or None: these
+    networks themselves. `method`: the `Method` whose networks these are, for its
+    task-dependent representation and layers (`Method.represent`, `Method.taps`; task k =
+    index into `names`), or None for the backbone's. `chunk`: seeds vmapped together.
+
+    Per-layer CKA (`Snapshot.layers`, when `sets.layer_cka_size` and `sets.layers`) runs as a
+    separate compiled call: the other metrics' program is the same with it or without."""
 
     @functools.partial(jax.jit, static_argnames=("cka_size", "represent"))
     def run(networks, sets, ref_rep, cka_size, represent):
@@ -95,9 +161,35 @@ def make_probe(model: models.Model, readout_cfg: probe.ReadoutConfig, names, hea
         metrics[f"cka_{names[0]}"] = jax.vmap(probe.linear_cka)(cka_rep, ref)
         return metrics, cka_rep
 
-    def probe_fn(networks, sets: ProbeSets, ref_rep=None, represent=None):
-        return run(networks, tuple(sets.tasks), ref_rep, cka_size=sets.cka_size,
-                   represent=represent)  # fmt: skip
+    @functools.partial(jax.jit, static_argnames=("layers", "size", "taps"))
+    def run_layers(networks, data, ref_reps, layers, size, taps):
+        def apply(network, x):
+            if taps is None:
+                out = model.apply(network["backbone"], x, taps=True).taps
+            else:  # The method's own forward pass on the first task (HAT: its Task-A gates).
+                out = taps(network, x, 0)
+            return models.Output(jnp.concatenate([out[k].outputs for k, _ in layers], -1), None)
+
+        reps = training.map_seeds(
+            lambda n: training.features(apply, n, data.test_images[:size], data.mean, data.std),
+            networks,
+            chunk=chunk,
+        )  # [S, size, C]
+        ref = reps if ref_reps is None else ref_reps
+        return Layers(reps, layer_cka(reps, ref, tuple(w for _, w in layers)))
+
+    def probe_fn(networks, sets: ProbeSets, ref: Snapshot | None = None,
+                 method: Method | None = None):  # fmt: skip
+        represent = None if method is None else method.represent
+        metrics, rep = run(networks, tuple(sets.tasks), None if ref is None else ref.rep,
+                           cka_size=sets.cka_size, represent=represent)  # fmt: skip
+        layers = None
+        if sets.layer_cka_size and sets.layers:
+            ref_reps = None if ref is None or ref.layers is None else ref.layers.reps
+            layers = run_layers(networks, sets.tasks[0], ref_reps, layers=tuple(sets.layers),
+                                size=sets.layer_cka_size,
+                                taps=None if method is None else method.taps)  # fmt: skip
+        return metrics, Snapshot(rep, layers)
 
     return probe_fn
 
@@ -194,9 +286,24 @@ def switch_states(method: Method, states, keys, data_done, chunk: int | None = N
     return switch(states, keys, data_done)
 
 
+class Run(NamedTuple):
+    """A method's run through its phases (`run_phases`), or what the cache kept of one
+    (`load_history`)."""
+
+    history: dict  # {metric: float array [S, P]} over probe steps 0, probe_every, ..., the last
+    train_s: float  # seconds training
+    probe_s: float  # seconds probing
+    # Per-layer CKA ({} when off): "to_pretrained" [S, P, L] to the start; "to_teacher"
+    # [S, P, L] to the teacher's layers at the same step, when given them (and, in the cache,
+    # "teacher_key": the teacher's `history_key` they were measured against); "reps"
+    # [S, P, n, C], the per-layer views themselves (`Layers.reps`), when asked to keep them.
+    layers: dict
+
+
 def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initial_probe,
                seeds: training.RunAxis | None = None,
-               writer: tracking.MetricWriter = tracking.NOOP):  # fmt: skip
+               writer: tracking.MetricWriter = tracking.NOOP, teacher=None,
+               keep_reps: bool = False) -> Run:  # fmt: skip
     """Runs one method through `phases` for every seed, probing every `task_b.probe_every`
     steps; its state carries across phases. Each probe's seed means (and the mean loss) go to
     `writer` as soon as they are measured, at their step.
@@ -205,15 +312,18 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
       phases: [Phase], in order; the first phase's method initialises the state.
       networks0: stacked starting networks [S, ...], placed by `seeds` like the phases' data
         and `probe_sets`.
-      initial_probe: (metrics {name: [S]} on the host, reference CKA representation [S, n, D])
-        of `networks0`, shared by the methods that start from them; None: probe the method's
-        initial states (its own start or representation) and use that.
+      initial_probe: (metrics {name: [S]} on the host, `Snapshot`) of `networks0`, shared by
+        the methods that start from them; None: probe the method's initial states (its own
+        start or representation) and use that.
       seeds: where the seeds run (split over the devices, or not: the default).
       writer: where the probes stream to (`tracking.writers(workdir)("task_b/<method>")`).
+      teacher: the teacher's per-layer views at every probe step, float [S, P, n, C] on the
+        host (its `Run.layers["reps"]`), to measure per-layer CKA to; None: none.
+      keep_reps: return this method's per-layer views (`Run.layers["reps"]`), as the
+        teacher's are kept for the others.
 
     Returns:
-      ({metric: float array [S, P]} over probe steps 0, probe_every, ..., the last step;
-       seconds training; seconds probing).
+      The `Run`.
     """
     seeds = seeds or training.RunAxis(0, enabled=False)
     first = phases[0].method
@@ -227,13 +337,26 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
         )
     )(networks0, base_keys, phases[0].data_a)
     if initial_probe is None:
-        metrics0, ref_rep = probe_fn(
-            jax.vmap(first.network)(states), probe_sets, None, first.represent
-        )
-        initial_probe = seeds.host(metrics0), ref_rep
-    metrics0, ref_rep = initial_probe
+        metrics0, ref = probe_fn(jax.vmap(first.network)(states), probe_sets, None, first)
+        initial_probe = seeds.host(metrics0), ref
+    metrics0, ref = initial_probe
     history = {k: [np.asarray(metrics0[k])] for k in display_order(metrics0)}
     history["loss"] = [np.full(num_seeds, np.nan)]
+    layers = {}  # {"to_pretrained", "to_teacher", "reps": [[S, ...] per probe step]}
+
+    def record_layers(snapshot, p: int) -> None:
+        """Keeps the per-layer view of probe step number `p` (on the host)."""
+        view = None if snapshot is None else snapshot.layers
+        if view is None:
+            return
+        got = {"to_pretrained": view.cka, **({"reps": view.reps} if keep_reps else {})}
+        if teacher is not None:
+            widths = tuple(w for _, w in probe_sets.layers)
+            got["to_teacher"] = layer_cka(view.reps, seeds.split(teacher[:, p]), widths)
+        for k, v in seeds.host(got).items():
+            layers.setdefault(k, []).append(np.asarray(v))
+
+    record_layers(ref, 0)
     writer.write_scalars(0, tracking.seed_means({k: v[0] for k, v in history.items()
                                                  if k != "loss"}))  # fmt: skip
     train_s = probe_s = 0.0
@@ -272,10 +395,9 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
             step_metrics = seeds.host(step_metrics)
             t1 = time.time()
             train_s += t1 - timer["t0"]
-            metrics, _ = probe_fn(
-                jax.vmap(method.network)(states), probe_sets, ref_rep, method.represent
-            )
+            metrics, snapshot = probe_fn(jax.vmap(method.network)(states), probe_sets, ref, method)
             metrics = seeds.host(metrics)
+            record_layers(snapshot, len(history["loss"]))
             probe_s += time.time() - t1
             for k in metrics0:
                 history[k].append(np.asarray(metrics[k]))
@@ -290,7 +412,8 @@ def run_phases(phases, networks0, config, probe_fn, probe_sets: ProbeSets, initi
         states, _ = training.run_chunked(chunk, states, st.idx_b.shape[1], every, xs_for,
                                          progress, on_chunk, offset)  # fmt: skip
         offset += st.idx_b.shape[1]
-    return {k: np.stack(v, axis=1) for k, v in history.items()}, train_s, probe_s
+    history = {k: np.stack(v, axis=1) for k, v in history.items()}
+    return Run(history, train_s, probe_s, {k: np.stack(v, axis=1) for k, v in layers.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,8 +426,8 @@ def cache_dir(config, workdir: str) -> str:
 
 
 def _functions(methods) -> list:
-    return [f for m in methods for f in (m.init, m.step, m.network, m.represent, m.switch)
-            if f is not None]  # fmt: skip
+    return [f for m in methods for f in (m.init, m.step, m.network, m.represent, m.switch,
+                                          m.taps) if f is not None]  # fmt: skip
 
 
 def _in_l2r(module: str) -> bool:
@@ -359,11 +482,17 @@ def history_key(config, methods, start, data_digest: str) -> str:
 
 
 _HISTORY_DIGEST = "_sha256"  # In the .npz: `checkpoint.digest` of the histories it holds.
+_LAYERS = "_layers_"  # In the .npz: the prefix of `Run.layers`' entries.
 
 
-def load_history(path: str | None):
-    """(history, train_s, probe_s) saved at `path` (.npz) by `save_history`, or None when
-    there is none (or `path` is None). Every process reads, and they share one decision.
+def _digest(history: dict, layers: dict) -> str:
+    return checkpoint.digest([history[k] for k in sorted(history)]
+                             + [layers[k] for k in sorted(layers)])  # fmt: skip
+
+
+def load_history(path: str | None) -> Run | None:
+    """The `Run` saved at `path` (.npz) by `save_history`, or None when there is none (or
+    `path` is None). Every process reads, and they share one decision.
 
     A damaged file (unreadable, or histories other than those saved) is reported in one
     warning, deleted and treated as absent: the method runs again."""
@@ -375,18 +504,19 @@ def load_history(path: str | None):
         found = multihost_utils.broadcast_one_to_all(found)
     if not found:
         return None
-    history, train_s, probe_s = loaded
-    logging.info("Reusing the Task-B histories in %s (trained for %.0f s then).", path, train_s)
-    return history, train_s, probe_s
+    logging.info("Reusing the Task-B histories in %s (trained for %.0f s then).", path,
+                 loaded.train_s)  # fmt: skip
+    return loaded
 
 
-def _read_history(path: str):
+def _read_history(path: str) -> Run | None:
     try:
         with np.load(path) as f:
             history = {k: f[k] for k in f.files if not k.startswith("_")}
+            layers = {k[len(_LAYERS) :]: f[k] for k in f.files if k.startswith(_LAYERS)}
             train_s, probe_s = float(f["_train_s"]), float(f["_probe_s"])
             expected = str(f[_HISTORY_DIGEST])
-        if checkpoint.digest([history[k] for k in sorted(history)]) != expected:
+        if _digest(history, layers) != expected:
             raise ValueError("its histories differ from those saved (digest mismatch)")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         logging.warning("Damaged Task-B cache %s, recomputed: %s.", path,
@@ -395,18 +525,24 @@ def _read_history(path: str):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         return None
-    return history, train_s, probe_s
+    if "teacher_key" in layers:
+        layers["teacher_key"] = str(layers["teacher_key"])
+    return Run(history, train_s, probe_s, layers)
 
 
-def save_history(path: str | None, history, train_s: float, probe_s: float) -> None:
-    """Saves a method's histories at `path` (process 0, through a temporary name, so a killed
-    run leaves no half file), with their digest; `path` None: nothing."""
+def save_history(path: str | None, history, train_s: float, probe_s: float,
+                 layers: dict | None = None) -> None:  # fmt: skip
+    """Saves a method's histories and per-layer CKA (`Run.layers`) at `path` (process 0,
+    through a temporary name, so a killed run leaves no half file), with their digest; `path`
+    None: nothing."""
     if path is None or not distributed.is_main():
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     history = {k: np.asarray(v) for k, v in history.items()}
-    sha = checkpoint.digest([history[k] for k in sorted(history)])
+    layers = {k: np.asarray(v) for k, v in (layers or {}).items()}
+    sha = _digest(history, layers)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        np.savez(f, **history, _train_s=train_s, _probe_s=probe_s, **{_HISTORY_DIGEST: sha})
+        np.savez(f, **history, **{_LAYERS + k: v for k, v in layers.items()}, _train_s=train_s,
+                 _probe_s=probe_s, **{_HISTORY_DIGEST: sha})  # fmt: skip
     os.replace(tmp, path)

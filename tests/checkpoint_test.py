@@ -118,7 +118,7 @@ def test_a_damaged_task_b_cache_is_recomputed(tmp_path, damage, caplog):
     path = str(tmp_path / "task_b" / "sgd-0123.npz")
     history = {"readout_A": np.random.default_rng(0).random((2, 5)), "loss": np.ones((2, 5))}
     task_b.save_history(path, history, 3.0, 1.0)
-    loaded, train_s, probe_s = task_b.load_history(path)
+    loaded, train_s, probe_s, _ = task_b.load_history(path)
     chex.assert_trees_all_equal(loaded, history)
     assert (train_s, probe_s) == (3.0, 1.0)
     damage(path)

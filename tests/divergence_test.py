@@ -225,7 +225,7 @@ def test_sweep_rows_report_diverged_settings_without_numbers():
     rows += sweep.summary_rows("001_task_b.ewc.coef=100", {"task_b.ewc.coef": 100.0}, blown)
     ewc_fine, ewc_blown, hat = rows
     assert (ewc_blown["runs"], ewc_blown["diverged"]) == (4, 4)
-    for stat in ("readout_A_before", "readout_A", "forgetting_A", "readout_B"):
+    for stat in ("readout_A_before", "readout_A", "forgetting_A", "readout_B", "avg_acc"):
         assert ewc_blown[stat] is None
         assert ewc_fine[stat] is not None and np.isfinite(ewc_fine[stat]["mean"])
     # A choice over the settings' numbers can only see the one that did not diverge.
@@ -235,7 +235,7 @@ def test_sweep_rows_report_diverged_settings_without_numbers():
     kept = blown["methods"]["hat"]["readout_B"][KEPT["hat"], -1]
     np.testing.assert_allclose(hat["readout_B"]["mean"], kept.mean())
     table = sweep.markdown(rows, ["task_b.ewc.coef"]).splitlines()
-    assert _cells(table[3]) == ["001", "100.0", "ewc (diverged: 4/4 seeds)"] + ["diverged"] * 4
+    assert _cells(table[3]) == ["001", "100.0", "ewc (diverged: 4/4 seeds)"] + ["diverged"] * 5
     assert _cells(table[4])[2] == "hat (diverged: 1/4 seeds, left out)"
     json.dumps(report.to_jsonable(rows), allow_nan=False)  # sweep.json can hold them.
 

@@ -142,9 +142,10 @@ def test_saved_histories_round_trip_and_a_killed_save_leaves_no_file(tmp_path, m
             task_b.save_history(path, history, 3.0, 1.0)
     assert task_b.load_history(path) is None  # only the temporary file was written
     task_b.save_history(path, history, 3.0, 1.0)
-    again, train_s, probe_s = task_b.load_history(path)
+    again, train_s, probe_s, layers = task_b.load_history(path)
     assert (train_s, probe_s) == (3.0, 1.0)
     chex.assert_trees_all_equal(again, history)
+    assert layers == {}  # saved without per-layer CKA
     task_b.save_history(None, history, 3.0, 1.0)  # no cache directory: nothing written
 
 

@@ -191,7 +191,7 @@ def test_task_b_streams_each_method_to_its_own_run(tmp_path, caplog):
             run_dir, seen = tmp_path / "tb" / "task_b" / name, []
             phases = [task_b.Phase(make_method(name, model, config.task_b), data_a, data_b,
                                    streams)]  # fmt: skip
-            histories[name], _, _ = task_b.run_phases(
+            histories[name], *_ = task_b.run_phases(
                 phases, nets0, config, probe_fn, None, initial, writer=writers(f"task_b/{name}")
             )
             assert seen == [[0], [0, 2]], name  # Each probe step is on disk as it is measured.

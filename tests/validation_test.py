@@ -116,8 +116,10 @@ def _config(methods=("sgd", "sgd_x0.1")):
 def test_select_takes_the_best_average_without_divergence_and_the_first_of_ties():
     def row(run, method, a, b, diverged=0):
         stat = lambda m: None if m is None else {"mean": m, "std": 0.0}  # noqa: E731
+        avg = None if a is None else (a + b) / 2
         return {"run": run, "setting": {"x": run}, "method": method, "runs": 2,
-                "diverged": diverged, "readout_A": stat(a), "readout_B": stat(b)}  # fmt: skip
+                "diverged": diverged, "readout_A": stat(a), "readout_B": stat(b),
+                "avg_acc": stat(avg)}  # fmt: skip
 
     rows = [
         row("0", "sgd", 0.5, 0.9), row("0", "ewc", 0.8, 0.9), row("0", "lwf", None, None, 2),
@@ -185,3 +187,36 @@ def test_selection_picks_what_a_brute_force_loop_over_validation_runs_picks(tmp_
     )
     assert "validation split (10%" in open(tmp_path / "sweep" / "sweep.md").read()
     assert os.path.exists(tmp_path / "sweep" / "selected.json")
+
+
+@pytest.mark.slow
+def test_validate_keeps_each_methods_best_value_and_tests_them_all_in_one_run(tmp_path):
+    from l2r.cli import validate
+
+    config = _config(("sgd_x0.1", "teacher", "lwf"))
+    out = validate.run_validated(
+        config, str(tmp_path / "v"), overrides=["task_b.lwf.coef=0.3,3"], sgd_scales=["1", "3"]
+    )
+    selected, results = out["selected"], out["results"]
+    assert set(selected) == {"lwf", "sgd"}
+    rows = json.loads(open(tmp_path / "v" / "select" / "lwf" / "sweep.json").read())["rows"]
+    best = max(rows, key=lambda r: (sweep.score(r), -int(r["run"][:3])))
+    assert selected["lwf"]["setting"] == best["setting"]
+    assert selected["sgd"]["method"] in ("sgd", "sgd_x3")
+    final = results["config"]
+    assert final["validation"] == 0.0
+    assert final["task_b"]["lwf"]["coef"] == best["setting"]["task_b.lwf.coef"]
+    assert list(results["methods"]) == ["sgd_x0.1", "teacher", "lwf", selected["sgd"]["method"]]
+    # The final run reuses the selection's test runs: the same numbers.
+    for entry in selected.values():
+        hist = results["methods"][entry["method"]]
+        np.testing.assert_allclose(
+            entry["test"]["readout_B"]["mean"], np.mean(np.asarray(hist["readout_B"])[:, -1]),
+            atol=1e-7,
+        )  # fmt: skip
+    # Only the method without a grid runs for the first time; the teacher ran beside the sweeps.
+    reused = {"teacher", "lwf", selected["sgd"]["method"]}
+    assert set(results["timing"]["task_b_reused"]) == reused
+    table = open(tmp_path / "v" / "validated.md").read()
+    assert "| lwf | task_b.lwf.coef | 0.3, 3.0 |" in table
+    assert "| sgd | task_b.methods | (sgd), (sgd_x3) |" in table

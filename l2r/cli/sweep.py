@@ -300,21 +300,45 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _tasks(results) -> tuple[str, ...]:
+    """The names of the tasks a run probed, in order: ("A", "B"), or ("1", "2", "3") (Exp 5)."""
+    history = next(iter(results["methods"].values()))  # Task names sort in task order.
+    return tuple(sorted(m.split("_", 1)[1] for m in history if m.startswith("readout_")))
+
+
+def stat_columns(names) -> list[tuple[str, str]]:
+    """(row field, column title) of the statistics of tasks `names`: each earlier task's
+    readout before and after the later ones and its forgetting, the last task's readout, and
+    the average over tasks at the end (what validation selects on)."""
+    cols = []
+    for t in names[:-1]:
+        cols += [(f"readout_{t}_before", f"readout {t} before (%)"),
+                 (f"readout_{t}", f"readout {t} after (%)"),
+                 (f"forgetting_{t}", f"forgetting {t} (pts)")]  # fmt: skip
+    return [*cols, (f"readout_{names[-1]}", f"readout {names[-1]} (%)"),
+            ("avg_acc", "average (%)")]  # fmt: skip
+
+
 def summary_rows(name: str, setting: dict, results) -> list[dict]:
-    """One row per method: readout A before/after, forgetting of A and readout B, each as
-    {"mean", "std"} over the seeds that did not diverge (fractions, not percent), or None when
-    all of them diverged; "runs" and "diverged" count the method's seeds."""
-    fields = {
-        "readout_A_before": "before_readout_A",
-        "readout_A": "after_readout_A",
-        "forgetting_A": "forgetting_readout_A",
-        "readout_B": "after_readout_B",
-    }
+    """One row per method: per earlier task its readout before and after and its forgetting,
+    the last task's readout and the average readout over tasks at the end (`stat_columns`),
+    each as {"mean", "std"} over the seeds that did not diverge (fractions, not percent), or
+    None when all of them diverged; "runs" and "diverged" count the method's seeds, "tasks"
+    names the tasks."""
+    names = _tasks(results)
+    metrics = tuple(f"readout_{t}" for t in names)
+    fields = {"avg_acc": "avg_acc", f"readout_{names[-1]}": f"after_readout_{names[-1]}"}
+    for t in names[:-1]:
+        fields.update({f"readout_{t}_before": f"before_readout_{t}",
+                       f"readout_{t}": f"after_readout_{t}",
+                       f"forgetting_{t}": f"forgetting_readout_{t}"})  # fmt: skip
     rows = []
     dropped = divergence.dropped_rows(results)
-    for method, stats in cl_metrics.summarize(results).items():
+    summary = cl_metrics.summarize(results, metrics, results.get("task_ends"))
+    for method, stats in summary.items():
         runs, gone = divergence.num_runs(results, method), len(dropped.get(method, []))
-        row = {"run": name, "setting": setting, "method": method, "runs": runs, "diverged": gone}
+        row = {"run": name, "setting": setting, "method": method, "runs": runs, "diverged": gone,
+               "tasks": list(names)}  # fmt: skip
         for field, stat in fields.items():
             mean, std = stats[stat]
             # No number at all: a diverged setting must not look like a result to rank.
@@ -330,19 +354,14 @@ def _percent(stat: dict | None) -> str:
 def markdown(rows: list[dict], keys: list[str], note: str = "") -> str:
     """The sweep table: one row per setting × method, accuracies in %, forgetting in points;
     the method cell counts diverged runs, and a fully diverged one reads "diverged"."""
-    stats = [
-        ("readout_A_before", "readout A before (%)"),
-        ("readout_A", "readout A after (%)"),
-        ("forgetting_A", "forgetting A (pts)"),
-        ("readout_B", "readout B (%)"),
-    ]
+    stats = stat_columns(rows[0].get("tasks", ("A", "B"))) if rows else []
     header = ["run", *keys, "method", *(title for _, title in stats)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["run"].split("_", 1)[0]]
         cells += [_fmt_value(row["setting"][k]) for k in keys]
         cells.append(divergence.table_label(row["method"], row["diverged"], row["runs"]))
-        cells += [_percent(row[s]) for s, _ in stats]
+        cells += [_percent(row.get(s)) for s, _ in stats]
         lines.append("| " + " | ".join(cells) + " |")
     return (note + "\n\n" if note else "") + "\n".join(lines) + "\n"
 
@@ -413,29 +432,31 @@ def run_sweep(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: b
 
 
 def score(row: dict) -> float | None:
-    """What validation selects on: the mean over seeds of the average of the readout
-    accuracies of A and B at the last step; None when every seed diverged."""
-    if row["readout_A"] is None or row["readout_B"] is None:
-        return None
-    return (row["readout_A"]["mean"] + row["readout_B"]["mean"]) / 2
+    """What validation selects on: the mean over seeds of the average readout accuracy over
+    the tasks (A and B; Exp 5: 1, 2 and 3) at the last step; None when every seed diverged."""
+    return None if row["avg_acc"] is None else row["avg_acc"]["mean"]
 
 
-def select(rows: list[dict]) -> dict[str, dict | None]:
+def select(rows: list[dict], family=None) -> dict[str, dict | None]:
     """{method: its picked row} from `summary_rows` rows of every setting, in method order of
     first appearance: the highest `score` among settings where no seed diverged (failing those,
-    the fewest diverged seeds); ties go to the earlier setting. None: every run diverged."""
+    the fewest diverged seeds); ties go to the earlier setting. None: every run diverged.
+
+    `family(method) -> name` makes several methods compete as one (e.g. every `sgd_x<f>` as
+    "sgd": SGD with a validated step scale); the result is then keyed by family."""
+    family = family or (lambda m: m)
     picked = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [(i, r) for i, r in enumerate(rows) if r["method"] == method]
+    for group in dict.fromkeys(family(r["method"]) for r in rows):
+        mine = [(i, r) for i, r in enumerate(rows) if family(r["method"]) == group]
         usable = [(r["diverged"], -score(r), i, r) for i, r in mine if score(r) is not None]
-        picked[method] = min(usable, key=lambda t: t[:3])[3] if usable else None
+        picked[group] = min(usable, key=lambda t: t[:3])[3] if usable else None
     return picked
 
 
 def selection_markdown(selected: list[dict], keys: list[str], config) -> str:
     """The selected settings and their test numbers, one row per method."""
-    stats = [("readout_A_before", "readout A before (%)"), ("readout_A", "readout A after (%)"),
-             ("forgetting_A", "forgetting A (pts)"), ("readout_B", "readout B (%)")]  # fmt: skip
+    tested = [row["test"] for row in selected if row["test"] is not None]
+    stats = stat_columns(tested[0]["tasks"]) if tested else []
     lines = [
         f"# Hyper-parameters selected on validation: {', '.join(keys)}",
         "",
@@ -446,37 +467,40 @@ def selection_markdown(selected: list[dict], keys: list[str], config) -> str:
         "the numbers are that setting rerun on the test split (mean ± std over seeds).",
         "",
         "| method | " + " | ".join(keys) + " | validation score (%) | "
-        + " | ".join(title for _, title in stats) + " | average A, B (%) |",
-        "|" + "---|" * (len(keys) + 3 + len(stats)),
+        + " | ".join(title for _, title in stats) + " |",
+        "|" + "---|" * (len(keys) + 2 + len(stats)),
     ]  # fmt: skip
     for row in selected:
         if row["setting"] is None:
             cells = [row["method"], *("—" for _ in keys), "diverged at every setting"]
-            cells += ["" for _ in range(len(stats) + 1)]
+            cells += ["" for _ in stats]
         else:
             test = row["test"]
             cells = [divergence.table_label(row["method"], test["diverged"], test["runs"])]
             cells += [_fmt_value(row["setting"][k]) for k in keys]
             cells.append(f"{100 * row['validation_score']:.1f}")
             cells += [_percent(test[s]) for s, _ in stats]
-            avg = score(test)
-            cells.append("diverged" if avg is None else f"{100 * avg:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run_selection(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: bool = False):
+def run_selection(config, workdir: str, sweeps: list[tuple[str, list]], overwrite: bool = False,
+                  family=None):  # fmt: skip
     """Selects each method's setting of `sweeps` on validation data and reports it on test data.
 
     Every setting runs as in `run_sweep` with `validation` on (the config's share, or
     `DEFAULT_VALIDATION` when it has none), so it never reads the test split; each method's
     setting is picked by `select`; the picked settings then run again with validation off in
-    `<workdir>/test/<run>/`, each with only the methods that picked it (methods that no swept
-    field touches pick the first setting and reuse the cached runs). Writes `selected.json` and
+    `<workdir>/test/<run>/`, each with only the methods that picked it and the teacher when
+    compared (methods that no swept field touches pick the first setting and reuse the cached
+    runs). Writes `selected.json` and
     `selected.md` in `workdir`.
 
+    `family`: see `select`; the test run of a family's pick runs the picked method.
+
     Returns:
-      One dict per method: "method", "run", "setting" (None if every run diverged),
+      One dict per method (or family): "method" (the picked method; the family's name when
+      every run diverged), "family", "run", "setting" (None if every run diverged),
       "validation" (the held-out share), "validation_score", "validation_row" and "test" (its
       `summary_rows` row on the test split).
     """
@@ -488,15 +512,17 @@ def run_selection(config, workdir: str, sweeps: list[tuple[str, list]], overwrit
     planned = plan(val_config, sweeps, workdir)  # Checks every setting before anything runs.
     keys = [k for k, _ in sweeps]
     rows = run_sweep(val_config, workdir, sweeps, overwrite, planned)
-    picked = select(rows)
+    picked = select(rows, family)
     by_run = {}
-    for method, row in picked.items():
+    for row in picked.values():
         if row is not None:
-            by_run.setdefault(row["run"], (row["setting"], []))[1].append(method)
+            by_run.setdefault(row["run"], (row["setting"], []))[1].append(row["method"])
     test_rows = {}
     os.makedirs(os.path.join(workdir, TEST_DIR), exist_ok=True)
     for name, (setting, methods) in by_run.items():
         cfg = configure(test_config, setting, workdir)
+        if "teacher" in config.task_b.methods and "teacher" not in methods:
+            methods = ["teacher", *methods]  # The reference of per-layer CKA (cached).
         with cfg.unlocked():
             cfg.task_b.methods = tuple(methods)
         path = os.path.join(workdir, TEST_DIR, name)
@@ -508,12 +534,15 @@ def run_selection(config, workdir: str, sweeps: list[tuple[str, list]], overwrit
         for r in summary_rows(name, setting, results):
             test_rows[(name, r["method"])] = r
     selected = []
-    for method, row in picked.items():
-        entry = {"method": method, "validation": fraction, "run": None, "setting": None,
-                 "validation_score": None, "validation_row": None, "test": None}  # fmt: skip
+    for group, row in picked.items():
+        entry = {"method": group, "family": group, "validation": fraction, "run": None,
+                 "setting": None, "validation_score": None, "validation_row": None,
+                 "test": None}  # fmt: skip
         if row is not None:
-            entry.update(run=row["run"], setting=row["setting"], validation_score=score(row),
-                         validation_row=row, test=test_rows[(row["run"], method)])  # fmt: skip
+            method = row["method"]
+            entry.update(method=method, run=row["run"], setting=row["setting"],
+                         validation_score=score(row), validation_row=row,
+                         test=test_rows[(row["run"], method)])  # fmt: skip
         selected.append(entry)
     if distributed.is_main():
         saved = report.to_jsonable({"keys": keys, "selected": selected})

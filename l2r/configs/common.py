@@ -90,6 +90,7 @@ def readout_config():
     c.train_size = 0  # Training examples per task for the readout fit (0 = all).
     c.test_size = 0  # Test examples per task (0 = all).
     c.cka_size = 2000  # Test examples used for CKA against the pre-Task-B network.
+    c.layer_cka_size = 500  # Test examples for per-layer CKA of pooled unit outputs (0 = off).
     return c
 
 

@@ -17,6 +17,8 @@ each later one may give `switch`, which turns the state left by the previous tas
 `data_done`) into its own: LwF records the new targets, EWC adds the finished task's Fisher.
 A method whose representation depends on the task (HAT's masks) gives
 `represent(network, x, task)` with task 0 = A, 1 = B; the default is the backbone's output.
+Such a method also gives `taps(network, x, task)`, the layers' `Tap`s of that same forward pass,
+so that per-layer CKA measures what the method computes (without it: the plain backbone's).
 """
 
 from collections.abc import Callable
@@ -48,3 +50,6 @@ class Method(NamedTuple):
     # (state after the previous task, that task's data (DeviceTask), key) -> state; None: the
     # state carries on as it is. Called when this method takes over from the previous task's.
     switch: Callable[[Any, Any, jax.Array], Any] | None = None
+    # (network, x [B,H,W,C], task) -> {layer path: models.Tap} of `represent`'s forward pass
+    # (`Model.apply(..., taps=True)`); None = the backbone's. What per-layer CKA measures.
+    taps: Callable[[Any, jax.Array, int], dict] | None = None

@@ -174,7 +174,7 @@ def make_hat(
     Networks are the usual {'backbone', 'head_a', 'head_b'} plus 'hat': {'emb_a': {unit: [C]},
     'emb_b': {unit: [C]}}; `init` draws 'emb_b' when it is missing and raises without 'emb_a'.
     `represent(network, x, task)` is the backbone gated by the task's gates at s = s_max (task
-    0 = A, 1 = B).
+    0 = A, 1 = B); `taps(network, x, task)` the same forward pass's layer taps.
     """
     if anneal_steps < 1:
         raise ValueError(f"make_hat: anneal_steps must be >= 1, got {anneal_steps!r}.")
@@ -240,6 +240,11 @@ def make_hat(
         embeddings = network["hat"]["emb_" + "abcdefgh"[task]]
         return gated_representation(model, network["backbone"], embeddings, s_max, x)
 
+    def taps(network, x, task):
+        embeddings = network["hat"]["emb_" + "abcdefgh"[task]]
+        masks = gates(embeddings, s_max)
+        return model.apply(network["backbone"], x, taps=True, masks=masks).taps
+
     def switch(state: HatState, data_done, key):
         del data_done, key
         return HatState(state.network, jnp.zeros((), jnp.int32))
@@ -251,6 +256,7 @@ def make_hat(
         network=lambda state: state.network,
         represent=represent,
         switch=switch if head != "head_b" else None,
+        taps=taps,
     )
 
 

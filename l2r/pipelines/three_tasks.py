@@ -94,6 +94,7 @@ def write_markdown(results, workdir) -> str:
         "## At the end", report.summary_table(results),
         "## Continual-learning view (readout accuracy; rows: after Task 1, 2, 3)",
         cl_metrics.markdown_table(results, READOUT, ends),
+        *report.layer_cka_sections(results),
         "## Curves", *(report.curves_table(results, m) for m in READOUT),
     ]  # fmt: skip
     text = "\n\n".join(parts) + "\n"
@@ -203,6 +204,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     paths = {"markdown": write_markdown(results, workdir),
              "csv": report.write_csv(results, workdir),
              "exp5_tasks": plot_tasks(results, workdir, prefix=config.experiment)}  # fmt: skip
+    layer_cka = plots.plot_layer_cka(results, workdir, prefix=config.experiment)
+    if layer_cka:
+        paths[f"{config.experiment}_layer_cka"] = layer_cka
     report.write_curves_to_tensorboard(results, os.path.join(workdir, "tb"))
     if rule is not None:
         task_2, task_3 = seq.meta_test[0]
