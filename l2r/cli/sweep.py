@@ -19,7 +19,7 @@ whose every run of a method diverged reads "diverged" and holds no numbers for i
 
 `--select=validation` makes it a hyper-parameter selection: every setting runs on a validation
 split held out from each class's training examples (`config.validation`, 10% when unset), each
-method keeps its setting with the best average readout accuracy of A and B at the last step
+method keeps its setting with the best average readout accuracy over the tasks at the last step
 there, and the kept settings run again on the test split (`<workdir>/test/`); `selected.md` and
 `selected.json` report those test numbers. The test split is read only by the kept settings.
 
@@ -54,7 +54,7 @@ flags.DEFINE_enum(
     "",
     ["", "validation"],
     "validation: run every setting on a validation split held out from the training data, pick "
-    "each method's best setting there (average readout accuracy of A and B at the last step), "
+    "each method's best setting there (average readout accuracy over the tasks at the last step), "
     "then run the picked settings on the test split and report those numbers (selected.md).",
 )
 FLAGS = flags.FLAGS

@@ -8,7 +8,7 @@ r"""Every method of an experiment at hyper-parameters selected on validation dat
    grid of the method whose group holds the field) is swept alone with `l2r-sweep
    --select=validation` in `<workdir>/select/<method>/`: every value runs on a validation split
    held out from each class's training examples (`config.validation`, 10% when unset), and the
-   value with the best average readout accuracy of A and B at the last step is kept. SGD's step
+   value with the best average readout accuracy over the tasks at the last step is kept. SGD's step
    scale is selected the same way among `sgd_x<f>` for the factors of `--sgd_scales`
    (`<workdir>/select/sgd/`); the kept one joins the methods as "SGD with a validated scale".
 2. **Test.** One run of every method with its kept values on the test split, in
@@ -137,8 +137,8 @@ def summary_markdown(config, selected: dict, method_grids: dict) -> str:
         f"# {config.experiment} `{config.get('preset', '')}`: hyper-parameters selected on "
         "validation",
         "",
-        f"Each value was kept for the best average readout accuracy of A and B at the last step "
-        f"on a validation split ({100 * fraction:g}% of each class's training examples, held "
+        "Each value was kept for the best average readout accuracy over the tasks at the last "
+        f"step on a validation split ({100 * fraction:g}% of each class's training examples, held "
         f"out), {config.num_seeds} seeds; test numbers of every method at its kept values: "
         f"`{FINAL_DIR}/results.md`.",
         "",
