@@ -184,6 +184,16 @@ def check_meta(config: ml_collections.ConfigDict) -> None:
             f"{m.inner_steps}); lower meta.tbptt_max or raise meta.inner_steps.")  # fmt: skip
     require(m.curriculum_every >= 1, "meta.curriculum_every must be >= 1.")
     require(m.learning_rate > 0 and m.loss_scale > 0, "meta.learning_rate, loss_scale must be > 0.")
+    if m.get("validate_every", 0):
+        require(m.validate_every >= 1, f"meta.validate_every={m.validate_every}; give the "
+                "windows between meta-validations (>= 1), or 0 to turn it off.")  # fmt: skip
+        require(0.0 < m.validate_fraction < 1.0,
+                f"meta.validate_fraction={m.validate_fraction!r}; give the share of each "
+                "meta-training class's examples held out for meta-validation, "
+                "in (0, 1).")  # fmt: skip
+        require(m.validate_seeds >= 1 and m.validate_tasks >= 1 and m.validate_steps >= 0,
+                "meta.validate_seeds and meta.validate_tasks must be >= 1, "
+                "meta.validate_steps >= 0 (0: task_b's steps).")  # fmt: skip
     n_ckpt = config.pretrain.num_checkpoints
     require(
         0 <= m.train_checkpoints < n_ckpt,

@@ -154,4 +154,11 @@ def meta_config():
     c.input_clip = 5.0  # Meta-learner inputs are RMS-normalised, then clipped to this.
     c.train_checkpoints = 0  # Exp 3: episodes use checkpoints [0, k); meta-test the rest (0 = all).
     c.checkpoint_minutes = 10.0  # Orbax checkpoint of the meta-state this often (and at the end).
+    # Meta-validation (`l2r.meta.validation`): every `validate_every` windows (0 = off) θ runs as
+    # the learned rule on held-out training data, and the meta-test uses the best-scoring θ.
+    c.validate_every = 0
+    c.validate_fraction = 0.1  # Share of each meta-training class's examples held out.
+    c.validate_seeds = 2  # Task-B seeds per validation task.
+    c.validate_steps = 0  # Task-B steps of a validation run (0 = task_b.steps).
+    c.validate_tasks = 2  # Validation tasks drawn from the meta-training pool (with pools).
     return c

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from l2r import checkpoint, keys, models, report, rng, tracking, training
+from l2r import checkpoint, distributed, keys, models, report, rng, tracking, training
 from l2r.meta import episodes as episodes_lib
 from l2r.meta import window as window_lib
 from l2r.meta.curriculum import curriculum, finished
@@ -29,6 +29,8 @@ from l2r.meta.window import MetaState
 # the same run, so they stay out of its key.
 BUDGET_FIELDS = ("max_windows", "max_minutes", "checkpoint_minutes", "episodes",
                  "shard_episodes", "episode_chunk")  # fmt: skip
+# Meta-validation's history: the window after which θ was scored, and its score.
+VALIDATION = ("validation_window", "validation_score")
 HISTORY = ("window", "episodes_done", "threshold", "tbptt", "loss", "restarts", "skipped",
            "seconds")  # fmt: skip
 # What each window streams to its writer (TensorBoard run `meta`), with the problem's metrics.
@@ -63,6 +65,7 @@ class MetaRun:
         # chex counts traces per call site, across runs: set it on one run a process.
         self.max_traces: int | None = None
         self._windows = {}
+        self.best_theta = None  # The θ meta-validation kept (`meta_train(validate=...)`).
 
     @functools.cached_property
     def data_digest(self) -> dict:
@@ -175,24 +178,25 @@ def run_key(config, run: MetaRun) -> str:
     )
 
 
-def _restore_latest(manager: ocp.CheckpointManager, like: MetaState, ckpt_dir: str):
-    """(state, history) of the newest intact checkpoint in `manager`, or None when there is
-    none. A damaged one (unreadable, or its state's digest differs from the one saved with it)
-    is reported in one warning, deleted, and the one before it tried."""
+def _restore_latest(manager: ocp.CheckpointManager, like: MetaState, ckpt_dir: str,
+                    best: bool = False):  # fmt: skip
+    """(state, history, best θ or None) of the newest intact checkpoint in `manager`, or None
+    when there is none; `best`: the checkpoint holds the best θ of meta-validation too. A
+    damaged one (unreadable, or a digest differs from the one saved with it) is reported in
+    one warning, deleted, and the one before it tried."""
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             checkpoint.verify_manifest(os.path.join(ckpt_dir, str(step)))
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(like),
-                    history=ocp.args.JsonRestore(),
-                    digest=ocp.args.JsonRestore(),
-                ),
-            )
+            items = dict(state=ocp.args.StandardRestore(like), history=ocp.args.JsonRestore(),
+                         digest=ocp.args.JsonRestore())  # fmt: skip
+            if best:
+                items["best"] = ocp.args.StandardRestore(like.theta)
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
             if checkpoint.digest(restored.state) != restored.digest["state"]:
                 raise ValueError("its state differs from the one saved (digest mismatch)")
-            return restored.state, restored.history
+            if best and checkpoint.digest(restored.best) != restored.digest["best"]:
+                raise ValueError("its best θ differs from the one saved (digest mismatch)")
+            return restored.state, restored.history, restored.best if best else None
         except Exception as e:  # Orbax and TensorStore raise many types, some bare Exception.
             logging.warning("Damaged meta-training checkpoint %s/%d, deleted: %s.", ckpt_dir, step,
                             checkpoint.describe_error(e))  # fmt: skip
@@ -202,7 +206,7 @@ def _restore_latest(manager: ocp.CheckpointManager, like: MetaState, ckpt_dir: s
 
 def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, episodes=None,
                class_table=None, run: MetaRun | None = None,
-               writer: tracking.MetricWriter = tracking.NOOP):  # fmt: skip
+               writer: tracking.MetricWriter = tracking.NOOP, validate=None):  # fmt: skip
     """Runs Algorithm 1 until `meta.episodes` episodes have finished (or `meta.max_windows`
     windows, or `meta.max_minutes` of window time, compilation included: a wall-clock budget,
     so the number of windows it allows depends on the machine), resuming from the latest
@@ -217,10 +221,15 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
       writer: where each window's loss, threshold, T-BPTT length, restarts, skipped episodes,
         seconds and the problem's history metrics stream to, at its window number
         (`tracking.writers(workdir)("meta")`).
+      validate: meta-validation, `validate(ml, θ, lr) -> score` (higher is better;
+        `l2r.meta.validation.Scorer`), called every `meta.validate_every` windows and after
+        the last; the best θ is checkpointed with the state and set as `run.best_theta`.
 
     Returns:
-      (run: its `ml` and `lr` make the learned rule, final MetaState, history {name: list}
-      per window; besides the fixed entries, one per `Problem.history_metrics`).
+      (run: its `ml` and `lr` make the learned rule, and `run.best_theta` is the θ of the best
+      validation score (None without `validate`), final MetaState, history {name: list} per
+      window; besides the fixed entries, one per `Problem.history_metrics`, and with
+      `validate` "validation_window" and "validation_score", one entry per validation).
     """
     cfg = config.meta
     if run is None:
@@ -232,14 +241,18 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
     key = run_key(config, run)
     ckpt_dir = os.path.abspath(os.path.join(workdir_meta, key))
     state = run.init()
+    every = cfg.get("validate_every", 0) if validate is not None else 0
+    best = None  # (score, θ) of the best meta-validation so far.
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
-        history = {k: [] for k in (*HISTORY, *extra)}
-        restored = _restore_latest(manager, state, ckpt_dir)
+        history = {k: [] for k in (*HISTORY, *extra, *(VALIDATION if every else ()))}
+        restored = _restore_latest(manager, state, ckpt_dir, best=bool(every))
         if restored is None:
             logging.info("Meta-training run %s starts in %s.", key, ckpt_dir)
         else:
-            state, history = restored
+            state, history, best_theta = restored
+            if every and history["validation_score"]:
+                best = (max(history["validation_score"]), best_theta)
             logging.info("Meta-training run %s resumes from %s at window %d (%d episodes done).",
                          key, ckpt_dir, int(state.window), int(state.episodes_done))  # fmt: skip
         progress = report.Progress(cfg.episodes, "meta-train", unit="episodes",
@@ -247,16 +260,30 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
         last_save = time.monotonic()
 
         def save(state):
-            manager.save(
-                int(state.window),
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    history=ocp.args.JsonSave(history),
-                    digest=ocp.args.JsonSave({"state": checkpoint.digest(state)}),
-                ),
-            )
+            items = dict(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history))
+            digests = {"state": checkpoint.digest(state)}
+            if every:  # The best θ so far (the current one before any validation).
+                theta = state.theta if best is None else best[1]
+                items["best"] = ocp.args.StandardSave(theta)
+                digests["best"] = checkpoint.digest(theta)
+            items["digest"] = ocp.args.JsonSave(digests)
+            manager.save(int(state.window), args=ocp.args.Composite(**items))
             manager.wait_until_finished()
             checkpoint.write_manifest(os.path.join(ckpt_dir, str(int(state.window))))
+
+        def validated(state):
+            """Scores θ of `state` unless it was scored already; keeps it if it is the best."""
+            nonlocal best
+            window = int(state.window)
+            if not every or window in history["validation_window"]:
+                return
+            theta = distributed.local_copy(state.theta)
+            score = float(validate(run.ml, theta, run.lr))
+            history["validation_window"].append(window)
+            history["validation_score"].append(score)
+            writer.write_scalars(window, {"validation_score": score})
+            if best is None or score > best[0]:  # A copy: windows may donate the state.
+                best = (score, jax.tree.map(lambda x: x.copy(), state.theta))
 
         while not finished(cfg, int(state.window), int(state.episodes_done), history["seconds"]):
             steps = curriculum(cfg, int(state.episodes_done))[1]  # The next window's length.
@@ -276,10 +303,22 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
             progress.update(int(state.episodes_done), window=int(state.window), loss=loss,
                             threshold=threshold, tbptt=s, restarts=int(state.restarts),
                             skipped=int(state.skipped))  # fmt: skip
+            if every and int(state.window) % every == 0:
+                validated(state)
             if time.monotonic() - last_save > 60 * cfg.checkpoint_minutes:
                 save(state)
                 last_save = time.monotonic()
+        if every and int(state.window) not in history["validation_window"]:
+            validated(state)
+            if manager.latest_step() == int(state.window):  # Saved before its validation.
+                manager.delete(int(state.window))
         if manager.latest_step() != int(state.window):
             save(state)
         manager.wait_until_finished()
+    run.best_theta = best[1] if best is not None else None
+    if best is not None:
+        i = int(np.argmax(history["validation_score"]))
+        logging.info("Meta-validation: θ of window %d kept (score %.4f; last window %d: %.4f).",
+                     history["validation_window"][i], best[0], history["validation_window"][-1],
+                     history["validation_score"][-1])  # fmt: skip
     return run, state, history

@@ -52,6 +52,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Every check that needs no data: run before anything is loaded or trained."""
     config_checks.check_common(config, task_b=False)  # Exp 5's later tasks are `pools`.
     config_checks.check_meta(config)
+    require(not config.meta.get("validate_every", 0),
+            "meta.validate_every: meta-validation covers Exps 1-4 (two tasks) so far; set it "
+            "to 0 for Exp 5.")  # fmt: skip
     config_checks.check_methods(config, num_tasks=2)
     config_checks.check_steps(config, ("steps_2", "steps_3"))
     b, p = config.task_b, config.pools

@@ -33,7 +33,7 @@ from l2r import (
 )
 from l2r.config_checks import require
 from l2r.data import plan
-from l2r.meta import figures, loop
+from l2r.meta import figures, loop, validation
 from l2r.methods import registry
 from l2r.methods.learned import Rule
 from l2r.models import registry as model_registry
@@ -89,12 +89,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     rule, history = None, {}
     if learn:
         stages.begin("meta-training")
-        run, state, history = loop.meta_train(config, model, train_nets, data_a, data_meta,
+        episodes_data, scorer = data_meta, None
+        if validation.enabled(config):  # Episodes never see the held-out examples.
+            held = validation.carve(config, task_a, meta_plan.meta_train, meta_plan.class_table)
+            episodes_data = training.to_device(held.meta_train, mean, std)
+            scorer = validation.Scorer(config, model, train_nets, held, mean, std)
+        run, state, history = loop.meta_train(config, model, train_nets, data_a, episodes_data,
                                               os.path.join(workdir, "meta"),
                                               class_table=meta_plan.class_table,
-                                              writer=writers("meta"))  # fmt: skip
+                                              writer=writers("meta"), validate=scorer)  # fmt: skip
+        theta = state.theta if run.best_theta is None else run.best_theta
         # The meta-test runs in every process on its own devices.
-        rule = Rule(run.ml, distributed.local_copy(state.theta), run.lr)
+        rule = Rule(run.ml, distributed.local_copy(theta), run.lr)
     meta_s = time.time() - t1
     stages.begin("meta-test")
     n_way = config.pools.n_way if "pools" in config else None
