@@ -50,12 +50,14 @@ def get_config(arg=None):
         c.meta.num_episodes_parallel = 2
         c.meta.curriculum_every = 15
         c.meta.max_windows = 40  # A CPU budget; see docs/results.md for the time it took.
+        c.meta.validate_every = 10  # θ kept by meta-validation (l2r.meta.validation).
     elif preset == "cpu":
         c.meta.episodes = 60
         c.meta.curriculum_every = 20
         # 180 windows: 20 min on the 2-core VM shared with other jobs (2026-11-29), 6 min idle
         # (2026-12-05, docs/benchmarks.md).
         c.meta.max_windows = 180
+        c.meta.validate_every = 30  # θ kept by meta-validation (l2r.meta.validation).
     elif preset == "smoke":
         c.meta.episodes = 4
         c.meta.max_windows = 4
