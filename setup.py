@@ -27,6 +27,7 @@ setuptools.setup(
             "l2r-run = l2r.cli.run:main",
             "l2r-sweep = l2r.cli.sweep:main",
             "l2r-validate = l2r.cli.validate:main",
+            "l2r-agree = l2r.cli.agree:main",
         ]
     },
     install_requires=[
