@@ -30,7 +30,9 @@ RESULTS_SCHEMA = 1
 CSV_FILE = "results.csv"
 PROBE_KINDS = ("readout", "original", "cka")  # Probe metrics are named <kind>_<task>.
 CSV_COLUMNS = ("experiment", "preset", "method", "seed", "step", "task", "metric", "value",
-               "diverged")  # fmt: skip
+               "diverged", "layer")  # fmt: skip
+# Per-layer CKA (results.json's `layer_cka`) in results.csv: metric names by reference.
+LAYER_CKA_METRICS = {"to_pretrained": "layer_cka_pretrained", "to_teacher": "layer_cka_teacher"}
 
 
 def split_metric(metric: str) -> tuple[str, str]:
@@ -306,7 +308,9 @@ def results_rows(results) -> list[dict]:
     task "A"; the loss has task "". `value` is as stored: accuracies are fractions in [0, 1],
     NaN where undefined (the loss at step 0). `seed` is `results["seeds"]`' entry (a run index
     when several meta-test tasks are merged). `diverged` is True for every row of a run that
-    `l2r.divergence` leaves out of the means.
+    `l2r.divergence` leaves out of the means. `layer` is "" but for per-layer CKA
+    (`LAYER_CKA_METRICS`, from `results["layer_cka"]`): the unit layer's path, with `task` the
+    first task, on whose test images it is measured.
     """
     seeds, steps = list(results.get("seeds") or []), list(results["steps"])
     dropped = divergence.dropped_rows(results)
@@ -324,7 +328,29 @@ def results_rows(results) -> list[dict]:
                     rows.append({
                         **head, "method": method, "seed": seed, "step": int(step), "task": task,
                         "metric": metric, "value": float(arrays[m][s, p]), "diverged": s in gone,
+                        "layer": "",
                     })  # fmt: skip
+                rows += _layer_rows(results, method, s, seed, p, int(step), s in gone, head)
+    return rows
+
+
+def _layer_rows(results, method, s, seed, p, step, gone, head) -> list[dict]:
+    """The per-layer CKA rows of one method, run and probe step (none without `layer_cka`)."""
+    lc = results.get("layer_cka")
+    if not lc:
+        return []
+    first = next((split_metric(m)[1] for m in results["methods"][method]
+                  if split_metric(m)[0] == "readout"), "")  # fmt: skip
+    rows = []
+    for ref, metric in LAYER_CKA_METRICS.items():
+        values = lc.get(ref, {}).get(method)
+        if values is None or len(values) == 0:
+            continue
+        x = np.asarray(values, np.float64)
+        for li, layer in enumerate(lc["layers"]):
+            rows.append({**head, "method": method, "seed": seed, "step": step, "task": first,
+                         "metric": metric, "value": float(x[s, p, li]), "diverged": gone,
+                         "layer": str(layer)})  # fmt: skip
     return rows
 
 
@@ -361,19 +387,22 @@ def load_results(path) -> list[dict]:
         path = os.path.join(path, CSV_FILE)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]
+        # `layer` came later: a results.csv without it reads with layer "".
+        missing = [c for c in CSV_COLUMNS[:-1] if c not in (reader.fieldnames or ())]
         if missing:
             raise ValueError(f"{path} is not a results.csv: it has no column {missing}.")
         return [
             {**row, "seed": int(row["seed"]), "step": int(row["step"]),
-             "value": float(row["value"] or "nan"), "diverged": row["diverged"] == "1"}
+             "value": float(row["value"] or "nan"), "diverged": row["diverged"] == "1",
+             "layer": row.get("layer") or ""}
             for row in reader
         ]  # fmt: skip
 
 
 def write_curves_to_tensorboard(results, logdir) -> None:
-    """Logs the seed-mean of every method/metric at each probe step, tagged `<method>/<metric>`,
-    over the runs that did not diverge (`l2r.divergence`); a method with none is not logged."""
+    """Logs the seed-mean of every method/metric at each probe step, tagged `<method>/<metric>`
+    (per-layer CKA: `<method>/layer_cka_<reference>/<layer>`), over the runs that did not
+    diverge (`l2r.divergence`); a method with none is not logged."""
     dropped = divergence.dropped_rows(results)
     means = {}
     for method, values in results["methods"].items():
@@ -381,6 +410,15 @@ def write_curves_to_tensorboard(results, logdir) -> None:
             x = kept_metric(results, method, metric, dropped)
             if x.shape[0]:
                 means[f"{method}/{metric}"] = mean_std(x)[0]
+    lc = results.get("layer_cka") or {}
+    for ref, metric in LAYER_CKA_METRICS.items():  # [S, P, L] -> one curve per layer.
+        for method, values in (lc.get(ref) or {}).items():
+            if len(values) == 0:
+                continue
+            x = divergence.kept(np.asarray(values, np.float64), dropped.get(method, []))
+            for li, layer in enumerate(lc["layers"]):
+                if x.shape[0]:
+                    means[f"{method}/{metric}/{layer}"] = mean_std(x[..., li])[0]
     if not distributed.is_main():  # Process 0 writes.
         return
     # Undefined points (the loss before any step) are left out by the writer, not logged NaN.

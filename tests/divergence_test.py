@@ -216,6 +216,21 @@ def test_tensorboard_logs_the_kept_runs_mean(tmp_path):
     np.testing.assert_allclose(values[(40, "ewc/readout_A")], expected, rtol=1e-6)
 
 
+def test_tensorboard_logs_per_layer_cka_of_the_kept_runs(tmp_path):
+    results = _results()
+    rng = np.random.default_rng(4)
+    shape = (len(SEEDS), len(STEPS), 2)
+    cka = {m: rng.uniform(0, 1, shape) for m in ("ewc", "hat")}
+    results["layer_cka"] = {"layers": ["gn0", "hidden"], "to_pretrained": cka,
+                            "to_teacher": {}}  # fmt: skip
+    report.write_curves_to_tensorboard(results, tmp_path)
+    (event_file,) = glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
+    values = {(step, tag): v for step, tag, v in _read_events(event_file)}
+    expected = cka["ewc"][KEPT["ewc"], 4, 1].mean()
+    np.testing.assert_allclose(values[(40, "ewc/layer_cka_pretrained/hidden")], expected,
+                               rtol=1e-6)  # fmt: skip
+
+
 def test_sweep_rows_report_diverged_settings_without_numbers():
     """A setting whose runs all diverged holds no number to rank, and reads "diverged"."""
     fine, blown = _results(1), _results(2)

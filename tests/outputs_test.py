@@ -92,7 +92,7 @@ def test_csv_tasks_metrics_nan_inf_and_divergence(written):
     with open(workdir / "results.csv", newline="") as f:
         raw = list(csv.reader(f))
     assert tuple(raw[0]) == report.CSV_COLUMNS
-    assert raw[1] == ["exp1", "smoke", "sgd", "3", "0", "A", "readout", raw[1][7], "0"]
+    assert raw[1] == ["exp1", "smoke", "sgd", "3", "0", "A", "readout", raw[1][7], "0", ""]
     fields = [dict(zip(raw[0], r, strict=True)) for r in raw[1:]]
     assert {(r["metric"], r["task"]) for r in fields} == {
         ("readout", "A"), ("original", "A"), ("readout", "B"), ("original", "B"), ("cka", "A"),
@@ -269,3 +269,35 @@ def test_exp5_figure_names_tasks_and_methods(tmp_path, saved_figures):
         assert lines["learned rule (ours)"].get_linewidth() > lines["SGD"].get_linewidth()
     rows = report.results_rows(results)
     assert {r["task"] for r in rows} == {"1", "2", "3", ""}
+
+
+def test_per_layer_cka_rows_equal_results_layer_cka(tmp_path):
+    """results.csv holds every per-layer CKA value of results.json, one row per method, run,
+    probe step, reference and layer, with the layer named and the first task's name; a CSV
+    written before the `layer` column reads with layer ""."""
+    results = _results(("sgd", "teacher"))
+    rng = np.random.default_rng(5)
+    layers = ["gn0", "stage1/gn1", "hidden"]
+    shape = (len(SEEDS), len(STEPS), len(layers))
+    results["layer_cka"] = {
+        "layers": layers,
+        "to_pretrained": {m: rng.uniform(0, 1, shape).tolist() for m in ("sgd", "teacher")},
+        "to_teacher": {"sgd": rng.uniform(0, 1, shape).tolist(), "teacher": []},
+    }
+    path = report.write_csv(results, str(tmp_path))
+    rows = [r for r in report.load_results(path) if r["layer"]]
+    assert {r["task"] for r in rows} == {"A"}
+    expected = {("to_pretrained", "sgd"), ("to_pretrained", "teacher"), ("to_teacher", "sgd")}
+    assert len(rows) == len(expected) * len(SEEDS) * len(STEPS) * len(layers)
+    metric = {v: k for k, v in report.LAYER_CKA_METRICS.items()}
+    for r in rows:
+        s, p = SEEDS.index(r["seed"]), STEPS.index(r["step"])
+        ref = results["layer_cka"][metric[r["metric"]]][r["method"]]
+        assert r["value"] == ref[s][p][layers.index(r["layer"])]
+    # An older results.csv, without the column.
+    old = tmp_path / "old.csv"
+    with open(path, newline="") as f:
+        table = [r[:-1] for r in csv.reader(f) if r[-1] in ("", "layer")]
+    with open(old, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(table)
+    assert all(r["layer"] == "" for r in report.load_results(old))
