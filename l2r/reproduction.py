@@ -140,7 +140,7 @@ def command(results) -> str:
 def markdown(runs) -> str:
     """The reproduction table of `runs`, [(name, results)]: per run its claim, our numbers, the
     verdict and the command, commit and date that made it."""
-    lines = ["| experiment | preset | seeds | paper | ours | verdict |", "|---" * 6 + "|"]
+    lines = ["| experiment | preset | runs | paper | ours | verdict |", "|---" * 6 + "|"]
     notes = []
     for name, results in runs:
         c = check(results)
