@@ -11,9 +11,9 @@ import pytest
 from smoke_setup import tiny
 
 from l2r.config_checks import ConfigError
-from l2r.configs import exp1, exp2
+from l2r.configs import exp1, exp2, exp5
 from l2r.meta import episodes, loop, validation
-from l2r.pipelines import transfer
+from l2r.pipelines import three_tasks, transfer
 
 
 def _rows(split):
@@ -38,7 +38,7 @@ def test_held_out_examples_are_training_examples_the_episodes_never_see(experime
     original = _rows(meta_train.train)
     assert kept < original and len(kept) > 0
     assert held.task_a.train.images.shape[1:] == task_a.train.images.shape[1:]
-    for task in held.tasks_b:
+    for (task,) in held.tasks_b:
         val = _rows(task.test)
         assert val and val <= original and not val & kept  # Held out from the episodes.
         assert not val & _rows(meta_train.test)  # No test example, and no meta-test one:
@@ -50,10 +50,27 @@ def test_held_out_examples_are_training_examples_the_episodes_never_see(experime
     assert not a_val & _rows(task_a.test)
     if meta_plan.class_table is not None:  # n-way tasks of the meta-training pool.
         assert len(held.tasks_b) == config.meta.validate_tasks
-        assert all(t.num_classes == config.pools.n_way for t in held.tasks_b)
+        assert all(t.num_classes == config.pools.n_way for (t,) in held.tasks_b)
     # Deterministic: the same examples every time.
     again = validation.carve(config, task_a, meta_plan.meta_train, meta_plan.class_table)
-    assert _rows(again.tasks_b[0].test) == _rows(held.tasks_b[0].test)
+    assert _rows(again.tasks_b[0][0].test) == _rows(held.tasks_b[0][0].test)
+
+
+def test_exp5_validation_pairs_come_from_the_held_out_pool_examples():
+    config = exp5.get_config("smoke")
+    config.meta.validate_every, config.meta.validate_tasks = 1, 3
+    seq, _, _ = three_tasks.load(config)
+    held = validation.carve(config, seq.task_1, seq.meta_train, pair_table=seq.pair_table)
+    kept, original = _rows(held.meta_train.train), _rows(seq.meta_train.train)
+    assert len(held.tasks_b) == 3
+    for task_2, task_3 in held.tasks_b:
+        for task in (task_2, task_3):
+            assert task.num_classes == config.pools.n_way
+            val = _rows(task.test)
+            assert val and val <= original and not val & kept
+        if config.pools.disjoint_tasks:
+            assert not set(task_2.class_names) & set(task_3.class_names)
+    assert _rows(held.task_a.test) <= _rows(seq.task_1.train)
 
 
 @pytest.mark.parametrize("field,value", [("validate_fraction", 1.0), ("validate_seeds", 0),
@@ -120,7 +137,7 @@ def test_scorer_is_the_average_last_step_readout_of_a_and_b(tmp_path):
     cfg = validation.validation_config(config)
     method = registry.build("learned", model, cfg.task_b,
                             registry.Context(rule=Rule(run.ml, theta, run.lr)))  # fmt: skip
-    out = compare.compare(cfg, model, nets, [held.task_a, held.tasks_b[0]], mean, std, [method])
+    out = compare.compare(cfg, model, nets, [held.task_a, *held.tasks_b[0]], mean, std, [method])
     hist = out["methods"]["learned"]
     assert out["steps"][-1] == 4 and len(hist["readout_A"]) == 2
     expected = (np.asarray(hist["readout_A"])[:, -1] + np.asarray(hist["readout_B"])[:, -1]) / 2
@@ -158,3 +175,25 @@ def test_exp1_smoke_meta_tests_the_theta_meta_validation_kept(tmp_path, monkeypa
     chex.assert_trees_all_close(theta, run.best_theta)
     if np.argmax(meta["validation_score"]) < len(expected) - 1:  # Not the last window's θ:
         assert not _same(theta, state.theta)
+
+
+@pytest.mark.slow
+def test_exp5_smoke_runs_with_meta_validation(tmp_path, monkeypatch):
+    config = exp5.get_config("smoke")
+    config.meta.validate_every = 2
+    config.task_b.methods = ("learned",)
+    trained = []
+    meta_train = loop.meta_train
+
+    def spy(*args, **kwargs):
+        trained.append(meta_train(*args, **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(three_tasks.loop, "meta_train", spy)
+    results = three_tasks.run(config, str(tmp_path))
+    meta = results["meta"]
+    last = meta["window"][-1]
+    assert meta["validation_window"] == sorted({*range(2, last + 1, 2), last})
+    assert all(0.0 <= v <= 1.0 for v in meta["validation_score"])
+    ((run, _, _),) = trained
+    assert run.best_theta is not None

@@ -76,6 +76,7 @@ def get_config(arg=None):
         c.meta.num_episodes_parallel = 2
         c.meta.curriculum_every = 15
         c.meta.max_windows = 40  # exp1's CPU budget.
+        c.meta.validate_every = 10  # θ kept by meta-validation (l2r.meta.validation).
     elif preset == "cpu":
         c.data.classes_a = ("T-shirt/top", "Trouser", "Pullover", "Dress")
         c.pools = common.pools_config(
@@ -87,6 +88,7 @@ def get_config(arg=None):
         c.meta.episodes = 60
         c.meta.curriculum_every = 20
         c.meta.max_windows = 180  # exp1's budget (6-20 minutes on 2 cores for two tasks).
+        c.meta.validate_every = 30  # θ kept by meta-validation (l2r.meta.validation).
     elif preset == "smoke":
         c.data.synthetic.num_classes = 11
         c.data.classes_a = (0, 1, 2)

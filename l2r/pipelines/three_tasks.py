@@ -40,7 +40,7 @@ from l2r import (
 )
 from l2r.config_checks import require
 from l2r.data import plan, tasks
-from l2r.meta import figures, loop, three_tasks
+from l2r.meta import figures, loop, three_tasks, validation
 from l2r.methods import registry
 from l2r.methods.learned import Rule
 from l2r.models import registry as model_registry
@@ -52,9 +52,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Every check that needs no data: run before anything is loaded or trained."""
     config_checks.check_common(config, task_b=False)  # Exp 5's later tasks are `pools`.
     config_checks.check_meta(config)
-    require(not config.meta.get("validate_every", 0),
-            "meta.validate_every: meta-validation covers Exps 1-4 (two tasks) so far; set it "
-            "to 0 for Exp 5.")  # fmt: skip
     config_checks.check_methods(config, num_tasks=2)
     config_checks.check_steps(config, ("steps_2", "steps_3"))
     b, p = config.task_b, config.pools
@@ -161,13 +158,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     rule, history = None, {}
     if learn:
         stages.begin("meta-training")
-        episodes = three_tasks.three_tasks(config, model, train_nets, data_1, pool,
+        episodes_pool, scorer = pool, None
+        if validation.enabled(config):  # Episodes never see the held-out examples.
+            held = validation.carve(config, seq.task_1, seq.meta_train,
+                                    pair_table=seq.pair_table)  # fmt: skip
+            episodes_pool = training.to_device(held.meta_train, mean, std)
+            scorer = validation.Scorer(config, model, train_nets, held, mean, std)
+        episodes = three_tasks.three_tasks(config, model, train_nets, data_1, episodes_pool,
                                            seq.pair_table)  # fmt: skip
-        run, state, history = loop.meta_train(config, model, train_nets, data_1, pool,
+        run, state, history = loop.meta_train(config, model, train_nets, data_1, episodes_pool,
                                               os.path.join(workdir, "meta"), episodes,
-                                              writer=writers("meta"))  # fmt: skip
+                                              writer=writers("meta"), validate=scorer)  # fmt: skip
+        theta = state.theta if run.best_theta is None else run.best_theta
         # The meta-test runs in every process on its own devices.
-        rule = Rule(run.ml, distributed.local_copy(state.theta), run.lr)
+        rule = Rule(run.ml, distributed.local_copy(theta), run.lr)
     meta_s = time.time() - t1
     stages.begin("meta-test")
     starts, start_s = compare.method_starts(config, model, test_nets, data_1, pool, workdir,
