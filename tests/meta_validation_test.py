@@ -197,3 +197,19 @@ def test_exp5_smoke_runs_with_meta_validation(tmp_path, monkeypatch):
     assert all(0.0 <= v <= 1.0 for v in meta["validation_score"])
     ((run, _, _),) = trained
     assert run.best_theta is not None
+
+
+def test_a_checkpoint_saved_without_validation_resumes_with_it(tmp_path):
+    """A run checkpointed by a caller that did not validate is resumed, not discarded."""
+    config, model, pretrained, data_a, data_b = tiny(validate_every=2, max_windows=4)
+    run = loop.MetaRun(config, model, episodes.two_tasks(config, model, pretrained, data_a,
+                                                         data_b))  # fmt: skip
+    first = config.copy_and_resolve_references()
+    first.meta.max_windows = 2
+    workdir = str(tmp_path / "meta")
+    loop.meta_train(first, model, None, None, None, workdir, run=run)  # No validate.
+    _, state, history = loop.meta_train(config, model, None, None, None, workdir, run=run,
+                                        validate=lambda ml, theta, lr: 0.5)  # fmt: skip
+    assert int(state.window) == 4 and len(history["loss"]) == 4  # Resumed at window 2.
+    assert history["validation_window"] == [4]
+    chex.assert_trees_all_close(run.best_theta, state.theta)

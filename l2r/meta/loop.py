@@ -189,14 +189,16 @@ def _restore_latest(manager: ocp.CheckpointManager, like: MetaState, ckpt_dir: s
             checkpoint.verify_manifest(os.path.join(ckpt_dir, str(step)))
             items = dict(state=ocp.args.StandardRestore(like), history=ocp.args.JsonRestore(),
                          digest=ocp.args.JsonRestore())  # fmt: skip
-            if best:
+            # A checkpoint saved without meta-validation has no best θ: it resumes without one.
+            has_best = best and os.path.isdir(os.path.join(ckpt_dir, str(step), "best"))
+            if has_best:
                 items["best"] = ocp.args.StandardRestore(like.theta)
             restored = manager.restore(step, args=ocp.args.Composite(**items))
             if checkpoint.digest(restored.state) != restored.digest["state"]:
                 raise ValueError("its state differs from the one saved (digest mismatch)")
-            if best and checkpoint.digest(restored.best) != restored.digest["best"]:
+            if has_best and checkpoint.digest(restored.best) != restored.digest["best"]:
                 raise ValueError("its best θ differs from the one saved (digest mismatch)")
-            return restored.state, restored.history, restored.best if best else None
+            return restored.state, restored.history, restored.best if has_best else None
         except Exception as e:  # Orbax and TensorStore raise many types, some bare Exception.
             logging.warning("Damaged meta-training checkpoint %s/%d, deleted: %s.", ckpt_dir, step,
                             checkpoint.describe_error(e))  # fmt: skip
@@ -251,7 +253,9 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
             logging.info("Meta-training run %s starts in %s.", key, ckpt_dir)
         else:
             state, history, best_theta = restored
-            if every and history["validation_score"]:
+            for k in VALIDATION if every else ():  # Saved by a caller that did not validate.
+                history.setdefault(k, [])
+            if every and history["validation_score"] and best_theta is not None:
                 best = (max(history["validation_score"]), best_theta)
             logging.info("Meta-training run %s resumes from %s at window %d (%d episodes done).",
                          key, ckpt_dir, int(state.window), int(state.episodes_done))  # fmt: skip
