@@ -143,9 +143,10 @@ def test_a_damaged_meta_checkpoint_falls_back_to_the_one_before(tmp_path, caplog
             checkpoint.write_manifest(os.path.join(ckpt_dir, str(step)))
         flip(biggest_file(os.path.join(ckpt_dir, "2")))
         caplog.set_level(logging.WARNING, logger="absl")
-        state, history = loop._restore_latest(manager, jax.tree.map(jnp.zeros_like, states[1]),
-                                              ckpt_dir)  # fmt: skip
+        like = jax.tree.map(jnp.zeros_like, states[1])
+        state, history, best = loop._restore_latest(manager, like, ckpt_dir)
         chex.assert_trees_all_equal(state, states[1])
+        assert best is None  # Saved without meta-validation.
         assert history == {"loss": [1.0]}
         assert manager.all_steps() == [1]
     assert sum("Damaged meta-training checkpoint" in r.getMessage() for r in caplog.records) == 1
