@@ -89,20 +89,26 @@ def _newest_run(path: str, key: str | None) -> str:
 
 
 def _restore_theta(step_dir: str) -> dict:
-    """θ alone from the `state` item of one checkpoint (Orbax partial restore), after checking
-    the checkpoint's files against the digests recorded when it was written (they stand in for
-    the array digest saved beside it, which covers the whole `MetaState`, not read here)."""
+    """θ of one checkpoint, after checking the checkpoint's files against the digests recorded
+    when it was written (they stand in for the array digests saved beside it): the `best` item
+    when meta-validation ran (the θ the meta-test used), else θ alone from the `state` item
+    (Orbax partial restore)."""
     checkpoint.verify_manifest(step_dir)
     # The item's handler, not a Checkpointer: those look for step metadata in the item folder.
     handler = ocp.PyTreeCheckpointHandler()
-    state_dir = epath.Path(step_dir) / "state"
+    best_dir = epath.Path(step_dir) / "best"
+    item_dir = best_dir if best_dir.is_dir() else epath.Path(step_dir) / "state"
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     struct = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
-    like = {"theta": jax.tree.map(struct, handler.metadata(state_dir).tree["theta"])}
+    tree = handler.metadata(item_dir).tree
+    like = {"theta": jax.tree.map(struct, tree if best_dir.is_dir() else tree["theta"])}
+    if best_dir.is_dir():
+        like = like["theta"]
     restore_args = ocp.checkpoint_utils.construct_restore_args(like)
     args = ocp.args.PyTreeRestore(item=like, restore_args=restore_args, partial_restore=True)
     try:
-        return handler.restore(state_dir, args=args)["theta"]
+        restored = handler.restore(item_dir, args=args)
+        return restored if best_dir.is_dir() else restored["theta"]
     finally:
         handler.close()
 
@@ -137,7 +143,8 @@ def load_rule(
     model: models.Model | None = None,
     key: str | None = None,
 ) -> Rule:
-    """The rule meta-trained in a workdir: θ of its newest intact meta-training checkpoint.
+    """The rule meta-trained in a workdir: θ of its newest intact meta-training checkpoint (the
+    best-scoring θ when meta-validation ran, as the run's meta-test used).
 
     Args:
       path: a workdir (`<workdir>/meta/<key>/<step>/` holds the checkpoints), its `meta`

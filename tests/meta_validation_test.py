@@ -213,3 +213,18 @@ def test_a_checkpoint_saved_without_validation_resumes_with_it(tmp_path):
     assert int(state.window) == 4 and len(history["loss"]) == 4  # Resumed at window 2.
     assert history["validation_window"] == [4]
     chex.assert_trees_all_close(run.best_theta, state.theta)
+
+
+def test_load_rule_returns_the_theta_meta_validation_kept(tmp_path):
+    import l2r
+
+    config, model, pretrained, data_a, data_b = tiny(validate_every=1, max_windows=3)
+    run = loop.MetaRun(config, model, episodes.two_tasks(config, model, pretrained, data_a,
+                                                         data_b))  # fmt: skip
+    scores = iter([0.3, 0.8, 0.1])  # Window 2's θ is the best.
+    workdir = str(tmp_path / "meta")
+    _, state, _ = loop.meta_train(config, model, None, None, None, workdir, run=run,
+                                  validate=lambda ml, theta, lr: next(scores))  # fmt: skip
+    rule = l2r.load_rule(workdir, (8, 8, 1), config=config, model=model)
+    chex.assert_trees_all_close(rule.theta, run.best_theta)
+    assert not _same(rule.theta, state.theta)
