@@ -3,6 +3,7 @@
 it and reports the picked settings on the test split."""
 
 import copy
+import glob
 import json
 import os
 
@@ -174,6 +175,10 @@ def test_selection_picks_what_a_brute_force_loop_over_validation_runs_picks(tmp_
             ).read()
         )
         assert saved["config"]["validation"] == 0.0
+        # The test run probes as configured; the validation runs at the start and end only.
+        assert saved["steps"] == list(range(0, config.task_b.steps + 1, config.task_b.probe_every))
+    for run in glob.glob(str(tmp_path / "sweep" / "00*" / "results.json")):
+        assert json.loads(open(run).read())["steps"] == [0, config.task_b.steps]
     for s in selected:
         hist = tested[s["method"]]["methods"][s["method"]]
         np.testing.assert_allclose(
