@@ -228,3 +228,38 @@ def test_load_rule_returns_the_theta_meta_validation_kept(tmp_path):
     rule = l2r.load_rule(workdir, (8, 8, 1), config=config, model=model)
     chex.assert_trees_all_close(rule.theta, run.best_theta)
     assert not _same(rule.theta, state.theta)
+
+
+def test_a_damaged_best_theta_falls_back_to_the_checkpoint_before(tmp_path, caplog):
+    """The best θ is checked against its digest like the state: a damaged one discards its
+    checkpoint (one warning) and the run resumes from the one before."""
+    import logging
+
+    config, model, pretrained, data_a, data_b = tiny(validate_every=1, max_windows=2,
+                                                     checkpoint_minutes=0.0)  # fmt: skip
+    run = loop.MetaRun(config, model, episodes.two_tasks(config, model, pretrained, data_a,
+                                                         data_b))  # fmt: skip
+    workdir = str(tmp_path / "meta")
+    loop.meta_train(config, model, None, None, None, workdir, run=run,
+                    validate=lambda ml, theta, lr: 0.5)  # fmt: skip
+    (key,) = os.listdir(workdir)
+    best_dir = os.path.join(workdir, key, "2", "best")
+    name = max((os.path.join(r, f) for r, _, fs in os.walk(best_dir) for f in fs),
+               key=os.path.getsize)  # fmt: skip
+    with open(name, "r+b") as f:
+        f.seek(0)
+        f.write(b"\0" * 16)
+    like = run.init()
+    with caplog.at_level(logging.WARNING):
+        state, history, best = loop._restore_latest(
+            ocp_manager(os.path.join(workdir, key)), like, os.path.join(workdir, key), best=True
+        )
+    assert int(state.window) == 1 and history["validation_window"] == [1]
+    chex.assert_trees_all_equal(best, state.theta)  # Window 1: its θ was the best then.
+    assert sum("Damaged meta-training checkpoint" in r.getMessage() for r in caplog.records) == 1
+
+
+def ocp_manager(path):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
