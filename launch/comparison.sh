@@ -10,9 +10,12 @@
 #   --only=...   the experiments to run (default: all of them, in the order below).
 #   EXTRA_FLAGS  passed to every `l2r-validate` (e.g. --config.num_seeds=3).
 #
-# The `cpu` presets run every method; the `cifar_offline` ones (Tiny-ImageNet pools, ResNet-14)
-# run SGD, SGD×0.1, LwF, EWC, HAT, the teacher and the learned rule (3 seeds). Each experiment
-# logs to DIR/<exp>_<preset>.log. Environment: PYTHON (default: .venv/bin/python, else python3).
+# The `cpu` presets run every method over l2r-validate's default grids; the `cifar_offline` ones
+# (Tiny-ImageNet pools, ResNet-14, 3 seeds) run SGD, SGD×0.1, LwF, EWC, HAT, the teacher and the
+# learned rule over smaller grids (3 values each, HAT 2×2, SGD scales 1, 0.3, 0.1): a ResNet-14
+# Task-B run of one method takes about 20 minutes on 2 CPU cores, so the default grids (26
+# settings) would take about 9 hours per experiment before the test runs. Each experiment logs
+# to DIR/<exp>_<preset>.log. Environment: PYTHON (default: .venv/bin/python, else python3).
 set -euo pipefail
 
 root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +26,9 @@ fi
 
 all_methods="sgd,sgd_x0.1,teacher,lwf,ewc,hat,oml,rep,learned"
 offline_methods="sgd,sgd_x0.1,teacher,lwf,ewc,hat,learned"
+offline_grids=("--grid=task_b.lwf.coef=0.3,1,3" "--grid=task_b.ewc.coef=1,10,100"
+               "--grid=task_b.hat.s_max=3,10" "--grid=task_b.hat.reg=0.25,0.75"
+               "--sgd_scales=1,0.3,0.1")
 experiments="exp2:cpu,exp3:cpu,exp4:cpu,exp5:cpu,exp1:cpu,exp1:cifar_offline,exp2:cifar_offline"
 out="workdirs/comparison"
 extra=()
@@ -40,14 +46,16 @@ done
 out="$(mkdir -p "$out" && cd "$out" && pwd)"
 IFS=',' read -ra runs <<< "$experiments"
 for run in "${runs[@]}"; do
+  grids=()
   case "$run" in
     *:cpu) methods="$all_methods" ;;
-    *:cifar_offline) methods="$offline_methods" ;;
+    *:cifar_offline) methods="$offline_methods"; grids=("${offline_grids[@]}") ;;
     *) echo "launch/comparison.sh: '$run' is not <exp>:cpu or <exp>:cifar_offline." >&2; exit 2 ;;
   esac
   name="${run/:/_}"
   echo "$(date -u +%FT%TZ) $run -> $out/$name (log: $out/$name.log)"
   (cd "$root_dir" && "$python" -m experiments.validate --config="$run" \
-      --workdir="$out/$name" --methods="$methods" "${extra[@]}") >> "$out/$name.log" 2>&1 \
+      --workdir="$out/$name" --methods="$methods" "${grids[@]}" "${extra[@]}") \
+      >> "$out/$name.log" 2>&1 \
     || { echo "$run failed: see $out/$name.log" >&2; exit 1; }
 done
