@@ -12,10 +12,11 @@
 #
 # The `cpu` presets run every method over l2r-validate's default grids; the `cifar_offline` ones
 # (Tiny-ImageNet pools, ResNet-14, 3 seeds) run SGD, SGD×0.1, LwF, EWC, HAT, the teacher and the
-# learned rule over smaller grids (3 values each, HAT 2×2, SGD scales 1, 0.3, 0.1): a ResNet-14
-# Task-B run of one method takes about 20 minutes on 2 CPU cores, so the default grids (26
-# settings) would take about 9 hours per experiment before the test runs. Each experiment logs
-# to DIR/<exp>_<preset>.log. Environment: PYTHON (default: .venv/bin/python, else python3).
+# learned rule over smaller grids (3 values each, HAT 2×2, SGD scales 1, 0.3, 0.1), 13 settings
+# instead of 26: on 2 CPU cores, fig1:cifar_offline's Task B took 32 minutes for 3 methods × 3
+# seeds (docs/results.md), and each Exps-1/2 setting runs its method on every meta-test task.
+# Each experiment logs to DIR/<exp>_<preset>.log. Environment: PYTHON (default: .venv/bin/python,
+# else python3).
 set -euo pipefail
 
 root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
