@@ -7,9 +7,9 @@ layer"), shared across the leaf's output units, which form the LSTM's batch.
 
     ml = metalearner.make(backbone_params, taps)        # static structure, from shapes only
     theta = ml.init(key)                                 # plain nested dict
-    state = ml.init_state()                              # LSTM (c, h) per leaf and layer, zeros
-    deltas, state = ml.apply(theta, state, params, grads, taps)
-    params = metalearner.update(params, grads, deltas, lr)
+    state = ml.start(params)                             # LSTM (c, h) per leaf and layer, zeros
+    deltas, pulls, state = ml.gates(theta, state, params, grads, taps)
+    params = metalearner.update(params, grads, deltas, lr, pulls=pulls, anchor=state.anchor)
 
 LSTM input per output unit j (§5.1), with the taps (spatial means) averaged over the batch too:
   * conv kernel [kH, kW, Cin, Cout], Cout units: the kernel column w[..., j] and its gradient
@@ -75,6 +75,11 @@ class Config(NamedTuple):
         scale `log_range`; δ ∈ (e^-scale, e^scale) stays positive, and a move of z scales the
         step multiplicatively rather than additively). Both give δ ≡ 1 at initialisation.
       log_range: the initial scale of the "exp" gate (2.0: δ ∈ (0.14, 7.4)); learnable.
+      pull: a learned pull towards the anchor w0 (the backbone at the start of the task, kept
+        in the `State`): the step becomes w − α (δ ⊙ g + γ ⊙ (w − w0)), with γ = s · tanh(z)
+        from a second output head of each LSTM (weights and bias 0, so γ ≡ 0 and the rule is
+        plain SGD at initialisation; s learnable, 1 at first), and the LSTM also reads w − w0
+        (RMS-normalised like w). A learned, data-free cousin of EWC's quadratic penalty.
     """
 
     hidden_kernel: int = 64
@@ -85,6 +90,7 @@ class Config(NamedTuple):
     eps: float = 1e-8
     gate: str = "tanh"
     log_range: float = 2.0
+    pull: bool = False
 
 
 class Leaf(NamedTuple):
@@ -101,9 +107,11 @@ class Leaf(NamedTuple):
 
 
 class State(NamedTuple):
-    """LSTM memory. `lstm` mirrors params: each leaf holds one (c, h) per layer, [units, H]."""
+    """LSTM memory. `lstm` mirrors params: each leaf holds one (c, h) per layer, [units, H].
+    `anchor`: with `Config.pull`, the backbone params w0 the rule pulls towards; else None."""
 
     lstm: dict
+    anchor: Any = None
 
 
 def _get(tree: Any, path: Path) -> Any:
@@ -122,13 +130,16 @@ def _flat(tree: Any, what: str) -> dict[Path, Any]:
 
 def _describe(path: Path, shape: tuple[int, ...], flat: dict[Path, Any], config: Config) -> Leaf:
     name, tap = _name(path), _name(path[:-1])
+    extra = 1 if config.pull else 0  # w − w0 is read like w.
     if len(shape) in (2, 4):  # Dense [Din, Dout] is a 1x1 conv [1, 1, Din, Dout].
         k, cin, cout = math.prod(shape[:-1]), shape[-2], shape[-1]
-        return Leaf(path, tap, shape, cout, 2 * k + cin + 1, k, config.hidden_kernel, "")
+        return Leaf(path, tap, shape, cout, (2 + extra) * k + cin + 1, k, config.hidden_kernel,
+                    "")  # fmt: skip
     if len(shape) == 1:
         sibling = flat.get((*path[:-1], "kernel"))
         act = "outputs" if sibling is not None and len(sibling.shape) == 2 else "inputs"
-        return Leaf(path, tap, shape, 1, 3 * shape[0] + 1, shape[0], config.hidden_vector, act)
+        c = shape[0]
+        return Leaf(path, tap, shape, 1, (3 + extra) * c + 1, c, config.hidden_vector, act)
     raise ValueError(
         f"metalearner: parameter {name!r} has shape {shape}; expected a conv kernel "
         f"[kH, kW, Cin, Cout], a dense kernel [Din, Dout] or a 1-D scale/bias [C]."
@@ -239,21 +250,34 @@ class MetaLearner:
             flat[(*leaf.path, "out", "bias")] = bias((leaf.out_size,))
             scale = 1.0 / math.tanh(1.0) if tanh_gate else self.config.log_range
             flat[(*leaf.path, "scale")] = jnp.asarray(scale, jnp.float32)
+            if self.config.pull:  # γ ≡ 0 at initialisation: plain SGD.
+                flat[(*leaf.path, "pull", "kernel")] = jnp.zeros((leaf.hidden, leaf.out_size))
+                flat[(*leaf.path, "pull", "bias")] = jnp.zeros((leaf.out_size,))
+                flat[(*leaf.path, "pull_scale")] = jnp.asarray(1.0, jnp.float32)
         return traverse_util.unflatten_dict(flat)
 
-    def init_state(self, dtype: Any = jnp.float32) -> State:
-        """Zero LSTM memory (start of an episode): per leaf, num_layers × (c, h) [units, H]."""
+    def init_state(self, dtype: Any = jnp.float32, anchor: dict | None = None) -> State:
+        """Zero LSTM memory (start of an episode): per leaf, num_layers × (c, h) [units, H];
+        with `Config.pull`, `anchor` is the backbone w0 the rule pulls towards (required)."""
+        if self.config.pull and anchor is None:
+            raise ValueError("metalearner: Config.pull needs init_state(anchor=backbone params "
+                             "at the start of the task).")  # fmt: skip
         zeros = lambda leaf: jnp.zeros((leaf.units, leaf.hidden), dtype)
-        return State(
-            traverse_util.unflatten_dict(
-                {
-                    leaf.path: tuple(
-                        (zeros(leaf), zeros(leaf)) for _ in range(self.config.num_layers)
-                    )
-                    for leaf in self.leaves
-                }
-            )
+        lstm = traverse_util.unflatten_dict(
+            {
+                leaf.path: tuple((zeros(leaf), zeros(leaf)) for _ in range(self.config.num_layers))
+                for leaf in self.leaves
+            }
         )
+        if not self.config.pull:
+            return State(lstm)
+        _check_tree(self.leaves, anchor, "anchor")
+        return State(lstm, anchor)
+
+    def start(self, backbone: dict, dtype: Any = jnp.float32) -> State:
+        """The state at the start of a task learned from `backbone`: zero memory, and with
+        `Config.pull` the backbone as the anchor."""
+        return self.init_state(dtype, anchor=backbone if self.config.pull else None)
 
     def groups(self) -> list[tuple[Leaf, ...]]:
         """The leaves by the shapes of their LSTMs (units, input, width, output), in order."""
@@ -263,21 +287,24 @@ class MetaLearner:
             groups.setdefault(shape, []).append(leaf)
         return [tuple(g) for g in groups.values()]
 
-    def _lstm_input(self, leaf: Leaf, w, g, tap) -> jax.Array:
-        """The LSTM input of one leaf, [units, in_size] (see the module docstring)."""
+    def _lstm_input(self, leaf: Leaf, w, g, tap, drift=None) -> jax.Array:
+        """The LSTM input of one leaf, [units, in_size] (see the module docstring); `drift`
+        (w − w0, with `Config.pull`) follows g, normalised the same way."""
         cfg = self.config
         norm = lambda x: jnp.clip(x / (_scale(x) + cfg.eps), -cfg.clip, cfg.clip)  # noqa: E731
         h_in, h_out = norm(tap.inputs.mean(0)), norm(tap.outputs.mean(0))
+        per_weight = [w, g] if drift is None else [w, g, drift]
         if w.ndim == 1:
             act = h_in if leaf.act == "inputs" else h_out
-            return jnp.concatenate([norm(w), norm(g), act, h_out.mean(keepdims=True)])[None]
+            return jnp.concatenate([*map(norm, per_weight), act, h_out.mean(keepdims=True)])[None]
         cout = w.shape[-1]
-        w_UxK, g_UxK = norm(w).reshape(-1, cout).T, norm(g).reshape(-1, cout).T
+        cols = [norm(x).reshape(-1, cout).T for x in per_weight]
         h_in_UxC = jnp.broadcast_to(h_in, (cout, h_in.shape[0]))
-        return jnp.concatenate([w_UxK, g_UxK, h_in_UxC, h_out[:, None]], axis=1)
+        return jnp.concatenate([*cols, h_in_UxC, h_out[:, None]], axis=1)
 
-    def _gate(self, th: dict, carry: tuple, x: jax.Array) -> tuple[jax.Array, tuple]:
-        """One leaf's stacked LSTM: (δ [units, out_size], new (c, h) per layer)."""
+    def _gate(self, th: dict, carry: tuple, x: jax.Array):
+        """One leaf's stacked LSTM: (δ [units, out_size], γ [units, out_size] or None, new
+        (c, h) per layer)."""
         new = []
         for layer in range(self.config.num_layers):
             c_h, x = lstm_cell(th[f"lstm{layer}"], carry[layer], x)
@@ -287,12 +314,27 @@ class MetaLearner:
         delta_UxO = th["scale"] * jnp.tanh(z)  # §5.1: tanh output, learnable scale.
         if self.config.gate == "exp":
             delta_UxO = jnp.exp(delta_UxO)
-        return delta_UxO, tuple(new)
+        pull_UxO = None
+        if self.config.pull:
+            pull_UxO = th["pull_scale"] * jnp.tanh(x @ th["pull"]["kernel"] + th["pull"]["bias"])
+        return delta_UxO, pull_UxO, tuple(new)
 
     def apply(
         self, theta: dict, state: State, params: dict, grads: dict, taps: dict
     ) -> tuple[dict, State]:
-        """Gates δ for one student step (§4: δ·j = f(w·j, g·j, h, h'j; θ)).
+        """Gates δ for one student step (§4: δ·j = f(w·j, g·j, h, h'j; θ)); with `Config.pull`
+        use `gates`, which also returns γ."""
+        if self.config.pull:
+            raise ValueError("metalearner: with Config.pull, call gates() for δ and γ, and "
+                             "update(..., pulls=γ, anchor=state.anchor).")  # fmt: skip
+        deltas, _, state = self.gates(theta, state, params, grads, taps)
+        return deltas, state
+
+    def gates(
+        self, theta: dict, state: State, params: dict, grads: dict, taps: dict
+    ) -> tuple[dict, dict | None, State]:
+        """Gates δ (and, with `Config.pull`, pulls γ) for one student step (§4: δ·j = f(w·j,
+        g·j, h, h'j; θ)).
 
         Args:
           theta: from `init`.
@@ -303,20 +345,24 @@ class MetaLearner:
             that produced grads (extra entries are ignored).
 
         Returns:
-          (deltas, state): deltas has the tree and shapes of params; state the new LSTM memory.
+          (deltas, pulls, state): deltas (and pulls; None without `Config.pull`) have the tree
+          and shapes of params; state the new LSTM memory (the anchor carried unchanged).
           Add a leading episode axis to state/params/grads/taps with `jax.vmap` (θ unbatched).
         """
         cfg = self.config
         flat_w = _check_tree(self.leaves, params, "params")
         flat_g = _check_tree(self.leaves, grads, "grads")
+        flat_0 = _check_tree(self.leaves, state.anchor, "anchor") if cfg.pull else None
         xs = {}
         for leaf in self.leaves:
             _check_tap(leaf, taps)
             inputs = (flat_w[leaf.path], flat_g[leaf.path], taps[leaf.tap])
+            if cfg.pull:
+                inputs = (*inputs, flat_w[leaf.path] - flat_0[leaf.path])
             if cfg.first_order:
                 inputs = lax.stop_gradient(inputs)
             xs[leaf.path] = self._lstm_input(leaf, *inputs)
-        deltas, memory = {}, {}
+        deltas, pulls, memory = {}, {}, {}
         # Leaves whose LSTMs have the same shapes run as one LSTM vmapped over them (their θ
         # stacked on the fly; θ keeps its tree): the same values from fewer, larger ops.
         # ResNet-32's 99 leaves form 11 groups and its window traces in 17 s instead of 27 s
@@ -325,14 +371,18 @@ class MetaLearner:
             stack = lambda f, g=group: jax.tree.map(lambda *a: jnp.stack(a), *map(f, g))  # noqa: E731
             th = stack(lambda leaf: _get(theta, leaf.path))
             carry = stack(lambda leaf: _get(state.lstm, leaf.path))
-            delta, new = jax.vmap(self._gate)(th, carry, stack(lambda leaf: xs[leaf.path]))
+            delta, pull, new = jax.vmap(self._gate)(th, carry,
+                                                     stack(lambda leaf: xs[leaf.path]))  # fmt: skip
             for i, leaf in enumerate(group):
-                delta_UxO = delta[i]
                 w = flat_w[leaf.path]
-                deltas[leaf.path] = delta_UxO[0] if w.ndim == 1 else delta_UxO.T.reshape(w.shape)
+                as_w = lambda x_UxO, w=w: x_UxO[0] if w.ndim == 1 else x_UxO.T.reshape(w.shape)  # noqa: E731
+                deltas[leaf.path] = as_w(delta[i])
+                if pull is not None:
+                    pulls[leaf.path] = as_w(pull[i])
                 memory[leaf.path] = jax.tree.map(lambda a, i=i: a[i], new)
         unflat = traverse_util.unflatten_dict
-        return unflat(deltas), State(unflat(memory))
+        return (unflat(deltas), unflat(pulls) if cfg.pull else None,
+                State(unflat(memory), state.anchor))  # fmt: skip
 
 
 def make(params: dict, taps: dict, config: Config | None = None) -> MetaLearner:
@@ -361,12 +411,17 @@ def make(params: dict, taps: dict, config: Config | None = None) -> MetaLearner:
 
 
 def update(
-    params: dict, grads: dict, deltas: dict, lr: float, *, first_order: bool = False
-) -> dict:
-    """The student step w − lr · δ ⊙ g (§4), leaf by leaf.
+    params: dict, grads: dict, deltas: dict, lr: float, *, first_order: bool = False,
+    pulls: dict | None = None, anchor: dict | None = None,
+) -> dict:  # fmt: skip
+    """The student step w − lr · δ ⊙ g (§4), leaf by leaf; with `pulls` γ (`Config.pull`),
+    w − lr · (δ ⊙ g + γ ⊙ (w − anchor)).
 
     With `first_order`, g is a constant for meta-gradients (no Hessian term through ĝ).
     """
     if first_order:
         grads = lax.stop_gradient(grads)
-    return jax.tree.map(lambda w, g, d: w - lr * d * g, params, grads, deltas)
+    if pulls is None:
+        return jax.tree.map(lambda w, g, d: w - lr * d * g, params, grads, deltas)
+    step = lambda w, g, d, p, w0: w - lr * (d * g + p * (w - w0))  # noqa: E731
+    return jax.tree.map(step, params, grads, deltas, pulls, anchor)

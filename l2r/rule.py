@@ -241,8 +241,8 @@ def as_optax(
         return tree[backbone], {k: v for k, v in tree.items() if k != backbone}
 
     def init_fn(params):
-        split(params, "params")
-        return RuleState(rule.theta, ml.init_state())
+        w_body, _ = split(params, "params")
+        return RuleState(rule.theta, ml.start(w_body))
 
     def update_fn(updates, state, params=None, *, taps=None, **extra_args):
         del extra_args  # Meant for other transformations of a chain.
@@ -253,9 +253,14 @@ def as_optax(
             )
         g_body, _ = split(updates, "grads")
         w_body, _ = split(params, "params")
-        deltas, lstm = ml.apply(state.theta, state.lstm, w_body, g_body, taps)
-        # Added to w, `-(lr * d * g)` is exactly `metalearner.update`'s w - lr * d * g.
-        u_body = jax.tree.map(lambda g, d: -(lr * d * g), g_body, deltas)
+        deltas, pulls, lstm = ml.gates(state.theta, state.lstm, w_body, g_body, taps)
+        # Added to w, `-(lr * d * g)` is exactly `metalearner.update`'s w - lr * d * g (and
+        # with pulls, `-(lr * (d * g + p * (w - w0)))` its w - lr * (δ ⊙ g + γ ⊙ (w - w0))).
+        if pulls is None:
+            u_body = jax.tree.map(lambda g, d: -(lr * d * g), g_body, deltas)
+        else:
+            u_body = jax.tree.map(lambda g, d, p, w, w0: -(lr * (d * g + p * (w - w0))),
+                                  g_body, deltas, pulls, w_body, lstm.anchor)  # fmt: skip
         if backbone is None:
             return u_body, RuleState(state.theta, lstm)
         sgd = lambda g: -(lr * g)  # noqa: E731

@@ -89,6 +89,7 @@ def make_metalearner(cfg: ml_collections.ConfigDict, model: models.Model, image_
         clip=cfg.input_clip,
         first_order=cfg.first_order,
         gate=cfg.gate,
+        pull=cfg.get("pull", False),
     )
     return build_metalearner(model, (1, *tuple(image_shape)[1:]), ml_cfg)
 
@@ -159,7 +160,7 @@ def two_tasks(config, model: models.Model, pretrained, data_a, data_b, class_tab
 
     def fresh(inp: Inputs, ids):
         nets = jax.vmap(w0, (None, 0))(inp.pretrained, ids)
-        lstm = jax.vmap(lambda _: ml.init_state())(ids)
+        lstm = jax.vmap(lambda net: ml.start(net["backbone"]))(nets)
         classes = inp.class_table[ids % inp.class_table.shape[0]]
         return Episodes(nets, nets, lstm, jnp.zeros_like(ids), ids, classes)
 

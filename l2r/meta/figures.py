@@ -25,7 +25,7 @@ def delta_histograms(model, rule: Rule, network, data_b, idx_b, num_steps):
                                                net, mem, x_b, y_b)  # fmt: skip
             return (net, mem), deltas
 
-        return jax.lax.scan(body, (network, rule.ml.init_state()), idx)[1]
+        return jax.lax.scan(body, (network, rule.ml.start(network["backbone"])), idx)[1]
 
     deltas = jax.device_get(collect(network, idx_b[:num_steps]))
     flat = jax.tree_util.tree_flatten_with_path(deltas)[0]

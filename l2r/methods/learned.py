@@ -1,7 +1,8 @@
 """The learned update rule (paper §4): the student step of meta-training and its Task-B method.
 
-The student sees only Task B. Its backbone moves by `w ← w − α δ ⊙ ĝ` with gates δ from the
-meta-learner (`l2r.metalearner`), fed with the weights, the gradient and the layer taps of the
+The student sees only Task B. Its backbone moves by `w ← w − α δ ⊙ ĝ` (with `meta.pull`, also
+− α γ ⊙ (w − w0), w0 the backbone it started the task from) with gates δ from the meta-learner
+(`l2r.metalearner`), fed with the weights, the gradient and the layer taps of the
 same forward pass (no second pass); its Task-B head moves by plain SGD (§5.1: "except the
 classification layer"). The Task-A head is never touched.
 """
@@ -61,11 +62,12 @@ def student_step(model, ml, theta, learning_rate, network, lstm, x_b, y_b):
     (loss, taps), (g_body, g_head) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
         network["backbone"], network["head_b"]
     )
-    deltas, lstm = ml.apply(theta, lstm, network["backbone"], g_body, taps)
+    deltas, pulls, lstm = ml.gates(theta, lstm, network["backbone"], g_body, taps)
     first_order = ml.config.first_order
     backbone = metalearner.update(
-        network["backbone"], g_body, deltas, learning_rate, first_order=first_order
-    )
+        network["backbone"], g_body, deltas, learning_rate, first_order=first_order,
+        pulls=pulls, anchor=lstm.anchor,
+    )  # fmt: skip
     head_b = jax.tree.map(lambda p, g: p - learning_rate * g, network["head_b"], g_head)
     return {**network, "backbone": backbone, "head_b": head_b}, lstm, loss, deltas
 
@@ -75,7 +77,7 @@ def make_learned(model, ml, theta, learning_rate: float, name: str = "learned") 
 
     def init(network, data_a, key):
         del data_a, key
-        return StudentState(network, ml.init_state())
+        return StudentState(network, ml.start(network["backbone"]))
 
     def step(state: StudentState, batch: Batch, key):
         del key
