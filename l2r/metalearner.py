@@ -76,10 +76,16 @@ class Config(NamedTuple):
         step multiplicatively rather than additively). Both give δ ≡ 1 at initialisation.
       log_range: the initial scale of the "exp" gate (2.0: δ ∈ (0.14, 7.4)); learnable.
       pull: a learned pull towards the anchor w0 (the backbone at the start of the task, kept
-        in the `State`): the step becomes w − α (δ ⊙ g + γ ⊙ (w − w0)), with γ = s · tanh(z)
-        from a second output head of each LSTM (weights and bias 0, so γ ≡ 0 and the rule is
-        plain SGD at initialisation; s learnable, 1 at first), and the LSTM also reads w − w0
-        (RMS-normalised like w). A learned, data-free cousin of EWC's quadratic penalty.
+        in the `State`): the step becomes w − α δ ⊙ g − ρ ⊙ (w − w0), where ρ, the fraction of
+        the drift w − w0 taken back per step, is `pull_max` · sigmoid(z) · clip(s, 0, 1): z from
+        a second output head of each LSTM (weights and bias 0 at first), s a learnable scalar per
+        leaf, 0 at first, so ρ ≡ 0 and the rule is plain SGD at initialisation (clip passes half
+        a gradient at 0, so s still learns; if the meta-gradient wants ρ < 0, s stays at 0 and
+        the pull off). The LSTM also reads w − w0 (RMS-normalised like w). A learned, data-free
+        cousin of EWC's quadratic penalty. ρ is kept in [0, pull_max]: a push away from w0
+        (ρ < 0) grows the drift geometrically, which windows of a few steps reward and 500-step
+        tasks do not survive (the first, unbounded version diverged at meta-test).
+      pull_max: the largest ρ (0.05: a drift is halved in 14 steps at most).
     """
 
     hidden_kernel: int = 64
@@ -91,6 +97,7 @@ class Config(NamedTuple):
     gate: str = "tanh"
     log_range: float = 2.0
     pull: bool = False
+    pull_max: float = 0.05
 
 
 class Leaf(NamedTuple):
@@ -250,10 +257,10 @@ class MetaLearner:
             flat[(*leaf.path, "out", "bias")] = bias((leaf.out_size,))
             scale = 1.0 / math.tanh(1.0) if tanh_gate else self.config.log_range
             flat[(*leaf.path, "scale")] = jnp.asarray(scale, jnp.float32)
-            if self.config.pull:  # γ ≡ 0 at initialisation: plain SGD.
+            if self.config.pull:  # ρ ≡ 0 at initialisation (s = 0): plain SGD.
                 flat[(*leaf.path, "pull", "kernel")] = jnp.zeros((leaf.hidden, leaf.out_size))
                 flat[(*leaf.path, "pull", "bias")] = jnp.zeros((leaf.out_size,))
-                flat[(*leaf.path, "pull_scale")] = jnp.asarray(1.0, jnp.float32)
+                flat[(*leaf.path, "pull_scale")] = jnp.asarray(0.0, jnp.float32)
         return traverse_util.unflatten_dict(flat)
 
     def init_state(self, dtype: Any = jnp.float32, anchor: dict | None = None) -> State:
@@ -303,7 +310,7 @@ class MetaLearner:
         return jnp.concatenate([*cols, h_in_UxC, h_out[:, None]], axis=1)
 
     def _gate(self, th: dict, carry: tuple, x: jax.Array):
-        """One leaf's stacked LSTM: (δ [units, out_size], γ [units, out_size] or None, new
+        """One leaf's stacked LSTM: (δ [units, out_size], ρ [units, out_size] or None, new
         (c, h) per layer)."""
         new = []
         for layer in range(self.config.num_layers):
@@ -316,7 +323,9 @@ class MetaLearner:
             delta_UxO = jnp.exp(delta_UxO)
         pull_UxO = None
         if self.config.pull:
-            pull_UxO = th["pull_scale"] * jnp.tanh(x @ th["pull"]["kernel"] + th["pull"]["bias"])
+            z_pull = x @ th["pull"]["kernel"] + th["pull"]["bias"]
+            s = jnp.clip(th["pull_scale"], 0.0, 1.0)
+            pull_UxO = self.config.pull_max * s * jax.nn.sigmoid(z_pull)
         return delta_UxO, pull_UxO, tuple(new)
 
     def apply(
@@ -414,8 +423,8 @@ def update(
     params: dict, grads: dict, deltas: dict, lr: float, *, first_order: bool = False,
     pulls: dict | None = None, anchor: dict | None = None,
 ) -> dict:  # fmt: skip
-    """The student step w − lr · δ ⊙ g (§4), leaf by leaf; with `pulls` γ (`Config.pull`),
-    w − lr · (δ ⊙ g + γ ⊙ (w − anchor)).
+    """The student step w − lr · δ ⊙ g (§4), leaf by leaf; with `pulls` ρ (`Config.pull`),
+    w − lr · δ ⊙ g − ρ ⊙ (w − anchor).
 
     With `first_order`, g is a constant for meta-gradients (no Hessian term through ĝ).
     """
@@ -423,5 +432,5 @@ def update(
         grads = lax.stop_gradient(grads)
     if pulls is None:
         return jax.tree.map(lambda w, g, d: w - lr * d * g, params, grads, deltas)
-    step = lambda w, g, d, p, w0: w - lr * (d * g + p * (w - w0))  # noqa: E731
+    step = lambda w, g, d, p, w0: w - lr * d * g - p * (w - w0)  # noqa: E731
     return jax.tree.map(step, params, grads, deltas, pulls, anchor)

@@ -255,11 +255,11 @@ def as_optax(
         w_body, _ = split(params, "params")
         deltas, pulls, lstm = ml.gates(state.theta, state.lstm, w_body, g_body, taps)
         # Added to w, `-(lr * d * g)` is exactly `metalearner.update`'s w - lr * d * g (and
-        # with pulls, `-(lr * (d * g + p * (w - w0)))` its w - lr * (δ ⊙ g + γ ⊙ (w - w0))).
+        # with pulls, `-(lr * d * g + p * (w - w0))` its w - lr * δ ⊙ g - ρ ⊙ (w - w0)).
         if pulls is None:
             u_body = jax.tree.map(lambda g, d: -(lr * d * g), g_body, deltas)
         else:
-            u_body = jax.tree.map(lambda g, d, p, w, w0: -(lr * (d * g + p * (w - w0))),
+            u_body = jax.tree.map(lambda g, d, p, w, w0: -(lr * d * g + p * (w - w0)),
                                   g_body, deltas, pulls, w_body, lstm.anchor)  # fmt: skip
         if backbone is None:
             return u_body, RuleState(state.theta, lstm)

@@ -151,9 +151,10 @@ def meta_config():
     c.hidden_kernel = 64  # §5.1: LSTM hidden size for conv/dense kernels,
     c.hidden_vector = 32  # and for GroupNorm scales/offsets and biases.
     c.gate = "tanh"  # tanh (§5.1, δ may turn negative) | exp (δ = exp(scale·tanh(z)) > 0)
-    # A learned pull towards the pre-Task-B weights: w − α (δ ⊙ g + γ ⊙ (w − w0)), γ ≡ 0 at
-    # initialisation (l2r.metalearner.Config.pull). Not in the paper.
+    # A learned pull towards the pre-Task-B weights: w − α δ ⊙ g − ρ ⊙ (w − w0), ρ ∈ [0, pull_max],
+    # ρ ≡ 0 at initialisation (l2r.metalearner.Config.pull). Not in the paper.
     c.pull = False
+    c.pull_max = 0.05
     c.input_clip = 5.0  # Meta-learner inputs are RMS-normalised, then clipped to this.
     c.train_checkpoints = 0  # Exp 3: episodes use checkpoints [0, k); meta-test the rest (0 = all).
     c.checkpoint_minutes = 10.0  # Orbax checkpoint of the meta-state this often (and at the end).

@@ -1,10 +1,10 @@
 """The learned update rule (paper §4): the student step of meta-training and its Task-B method.
 
 The student sees only Task B. Its backbone moves by `w ← w − α δ ⊙ ĝ` (with `meta.pull`, also
-− α γ ⊙ (w − w0), w0 the backbone it started the task from) with gates δ from the meta-learner
-(`l2r.metalearner`), fed with the weights, the gradient and the layer taps of the
-same forward pass (no second pass); its Task-B head moves by plain SGD (§5.1: "except the
-classification layer"). The Task-A head is never touched.
+− ρ ⊙ (w − w0), ρ ∈ [0, meta.pull_max], w0 the backbone it started the task from) with gates δ
+from the meta-learner (`l2r.metalearner`), fed with the weights, the gradient and the layer
+taps of the same forward pass (no second pass); its Task-B head moves by plain SGD (§5.1:
+"except the classification layer"). The Task-A head is never touched.
 """
 
 from typing import Any, NamedTuple
