@@ -14,7 +14,7 @@ from l2r import reproduction
 
 
 def main(argv) -> int:
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m experiments.reproduction RUN_DIR [RUN_DIR ...]", file=sys.stderr)
         return 2
     runs = []
