@@ -86,6 +86,13 @@ class Config(NamedTuple):
         (ρ < 0) grows the drift geometrically, which windows of a few steps reward and 500-step
         tasks do not survive (the first, unbounded version diverged at meta-test).
       pull_max: the largest ρ (0.05: a drift is halved in 14 steps at most).
+      history: inputs that carry more history than the LSTM's memory of past inputs: per
+        weight, a momentum m ← β m + (1 − β) g of the gradient (RMS-normalised like g, after
+        this step's g is folded in), and per unit the steps taken so far, as log(1 + t) / 8
+        (≈ 1 at t = 3000; logarithmic so that a task longer than the meta-training episodes
+        moves it little). The momentum and t live in the `State`. Gates start at δ ≡ 1 all the
+        same (the output head is zero at initialisation).
+      momentum_decay: β of the momentum input (0.9).
     """
 
     hidden_kernel: int = 64
@@ -98,6 +105,8 @@ class Config(NamedTuple):
     log_range: float = 2.0
     pull: bool = False
     pull_max: float = 0.05
+    history: bool = False
+    momentum_decay: float = 0.9
 
 
 class Leaf(NamedTuple):
@@ -115,10 +124,14 @@ class Leaf(NamedTuple):
 
 class State(NamedTuple):
     """LSTM memory. `lstm` mirrors params: each leaf holds one (c, h) per layer, [units, H].
-    `anchor`: with `Config.pull`, the backbone params w0 the rule pulls towards; else None."""
+    `anchor`: with `Config.pull`, the backbone params w0 the rule pulls towards; else None.
+    `momentum`, `step`: with `Config.history`, the gradient momentum (params' tree) and the
+    number of steps taken (a float scalar); else None."""
 
     lstm: dict
     anchor: Any = None
+    momentum: Any = None
+    step: Any = None
 
 
 def _get(tree: Any, path: Path) -> Any:
@@ -137,16 +150,19 @@ def _flat(tree: Any, what: str) -> dict[Path, Any]:
 
 def _describe(path: Path, shape: tuple[int, ...], flat: dict[Path, Any], config: Config) -> Leaf:
     name, tap = _name(path), _name(path[:-1])
-    extra = 1 if config.pull else 0  # w − w0 is read like w.
+    # Read per weight like w: w − w0 (pull) and the momentum (history); per unit: t (history).
+    extra = int(config.pull) + int(config.history)
+    per_unit = 1 + int(config.history)
     if len(shape) in (2, 4):  # Dense [Din, Dout] is a 1x1 conv [1, 1, Din, Dout].
         k, cin, cout = math.prod(shape[:-1]), shape[-2], shape[-1]
-        return Leaf(path, tap, shape, cout, (2 + extra) * k + cin + 1, k, config.hidden_kernel,
-                    "")  # fmt: skip
+        return Leaf(path, tap, shape, cout, (2 + extra) * k + cin + per_unit, k,
+                    config.hidden_kernel, "")  # fmt: skip
     if len(shape) == 1:
         sibling = flat.get((*path[:-1], "kernel"))
         act = "outputs" if sibling is not None and len(sibling.shape) == 2 else "inputs"
         c = shape[0]
-        return Leaf(path, tap, shape, 1, (3 + extra) * c + 1, c, config.hidden_vector, act)
+        return Leaf(path, tap, shape, 1, (3 + extra) * c + per_unit, c, config.hidden_vector,
+                    act)  # fmt: skip
     raise ValueError(
         f"metalearner: parameter {name!r} has shape {shape}; expected a conv kernel "
         f"[kH, kW, Cin, Cout], a dense kernel [Din, Dout] or a 1-D scale/bias [C]."
@@ -276,10 +292,15 @@ class MetaLearner:
                 for leaf in self.leaves
             }
         )
-        if not self.config.pull:
-            return State(lstm)
-        _check_tree(self.leaves, anchor, "anchor")
-        return State(lstm, anchor)
+        if self.config.pull:
+            _check_tree(self.leaves, anchor, "anchor")
+        momentum = step = None
+        if self.config.history:
+            momentum = traverse_util.unflatten_dict(
+                {leaf.path: jnp.zeros(leaf.shape, dtype) for leaf in self.leaves}
+            )
+            step = jnp.zeros((), dtype)
+        return State(lstm, anchor if self.config.pull else None, momentum, step)
 
     def start(self, backbone: dict, dtype: Any = jnp.float32) -> State:
         """The state at the start of a task learned from `backbone`: zero memory, and with
@@ -294,20 +315,23 @@ class MetaLearner:
             groups.setdefault(shape, []).append(leaf)
         return [tuple(g) for g in groups.values()]
 
-    def _lstm_input(self, leaf: Leaf, w, g, tap, drift=None) -> jax.Array:
-        """The LSTM input of one leaf, [units, in_size] (see the module docstring); `drift`
-        (w − w0, with `Config.pull`) follows g, normalised the same way."""
+    def _lstm_input(self, leaf: Leaf, w, g, tap, extra=(), per_unit=()) -> jax.Array:
+        """The LSTM input of one leaf, [units, in_size] (see the module docstring); `extra`
+        per-weight tensors (w − w0, the momentum) follow g, normalised the same way, and
+        `per_unit` scalars (the step feature) come last, as they are."""
         cfg = self.config
         norm = lambda x: jnp.clip(x / (_scale(x) + cfg.eps), -cfg.clip, cfg.clip)  # noqa: E731
         h_in, h_out = norm(tap.inputs.mean(0)), norm(tap.outputs.mean(0))
-        per_weight = [w, g] if drift is None else [w, g, drift]
+        per_weight = [w, g, *extra]
         if w.ndim == 1:
             act = h_in if leaf.act == "inputs" else h_out
-            return jnp.concatenate([*map(norm, per_weight), act, h_out.mean(keepdims=True)])[None]
+            scalars = [h_out.mean(keepdims=True), *(jnp.reshape(x, (1,)) for x in per_unit)]
+            return jnp.concatenate([*map(norm, per_weight), act, *scalars])[None]
         cout = w.shape[-1]
         cols = [norm(x).reshape(-1, cout).T for x in per_weight]
         h_in_UxC = jnp.broadcast_to(h_in, (cout, h_in.shape[0]))
-        return jnp.concatenate([*cols, h_in_UxC, h_out[:, None]], axis=1)
+        units = [jnp.broadcast_to(jnp.reshape(x, (1, 1)), (cout, 1)) for x in per_unit]
+        return jnp.concatenate([*cols, h_in_UxC, h_out[:, None], *units], axis=1)
 
     def _gate(self, th: dict, carry: tuple, x: jax.Array):
         """One leaf's stacked LSTM: (δ [units, out_size], ρ [units, out_size] or None, new
@@ -342,7 +366,7 @@ class MetaLearner:
     def gates(
         self, theta: dict, state: State, params: dict, grads: dict, taps: dict
     ) -> tuple[dict, dict | None, State]:
-        """Gates δ (and, with `Config.pull`, pulls γ) for one student step (§4: δ·j = f(w·j,
+        """Gates δ (and, with `Config.pull`, pulls ρ) for one student step (§4: δ·j = f(w·j,
         g·j, h, h'j; θ)).
 
         Args:
@@ -355,19 +379,29 @@ class MetaLearner:
 
         Returns:
           (deltas, pulls, state): deltas (and pulls; None without `Config.pull`) have the tree
-          and shapes of params; state the new LSTM memory (the anchor carried unchanged).
+          and shapes of params; state the new LSTM memory (the anchor carried unchanged; with
+          `Config.history`, the momentum with this g folded in and the step count plus one).
           Add a leading episode axis to state/params/grads/taps with `jax.vmap` (θ unbatched).
         """
         cfg = self.config
         flat_w = _check_tree(self.leaves, params, "params")
         flat_g = _check_tree(self.leaves, grads, "grads")
         flat_0 = _check_tree(self.leaves, state.anchor, "anchor") if cfg.pull else None
+        flat_m, step, per_unit = {}, None, ()
+        if cfg.history:
+            flat_m = _check_tree(self.leaves, state.momentum, "momentum")
+            beta = cfg.momentum_decay
+            flat_m = {p: beta * m + (1.0 - beta) * flat_g[p] for p, m in flat_m.items()}
+            per_unit = (jnp.log1p(state.step) / 8.0,)
+            step = state.step + 1
         xs = {}
         for leaf in self.leaves:
             _check_tap(leaf, taps)
-            inputs = (flat_w[leaf.path], flat_g[leaf.path], taps[leaf.tap])
-            if cfg.pull:
-                inputs = (*inputs, flat_w[leaf.path] - flat_0[leaf.path])
+            w, g = flat_w[leaf.path], flat_g[leaf.path]
+            extra = (w - flat_0[leaf.path],) if cfg.pull else ()
+            if cfg.history:
+                extra = (*extra, flat_m[leaf.path])
+            inputs = (w, g, taps[leaf.tap], extra, per_unit)
             if cfg.first_order:
                 inputs = lax.stop_gradient(inputs)
             xs[leaf.path] = self._lstm_input(leaf, *inputs)
@@ -390,8 +424,9 @@ class MetaLearner:
                     pulls[leaf.path] = as_w(pull[i])
                 memory[leaf.path] = jax.tree.map(lambda a, i=i: a[i], new)
         unflat = traverse_util.unflatten_dict
+        momentum = unflat(flat_m) if cfg.history else None
         return (unflat(deltas), unflat(pulls) if cfg.pull else None,
-                State(unflat(memory), state.anchor))  # fmt: skip
+                State(unflat(memory), state.anchor, momentum, step))  # fmt: skip
 
 
 def make(params: dict, taps: dict, config: Config | None = None) -> MetaLearner:

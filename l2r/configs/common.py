@@ -155,6 +155,9 @@ def meta_config():
     # ρ ≡ 0 at initialisation (l2r.metalearner.Config.pull). Not in the paper.
     c.pull = False
     c.pull_max = 0.05
+    # Inputs with more history: a momentum (β 0.9) of g per weight and log(1 + t) / 8 per unit
+    # (l2r.metalearner.Config.history). Not in the paper.
+    c.history = False
     c.input_clip = 5.0  # Meta-learner inputs are RMS-normalised, then clipped to this.
     c.train_checkpoints = 0  # Exp 3: episodes use checkpoints [0, k); meta-test the rest (0 = all).
     c.checkpoint_minutes = 10.0  # Orbax checkpoint of the meta-state this often (and at the end).

@@ -91,6 +91,7 @@ def make_metalearner(cfg: ml_collections.ConfigDict, model: models.Model, image_
         gate=cfg.gate,
         pull=cfg.get("pull", False),
         pull_max=cfg.get("pull_max", 0.05),
+        history=cfg.get("history", False),
     )
     return build_metalearner(model, (1, *tuple(image_shape)[1:]), ml_cfg)
 
