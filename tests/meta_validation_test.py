@@ -263,3 +263,44 @@ def ocp_manager(path):
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+
+def test_meta_validation_keeps_the_theta_a_brute_force_loop_over_checkpoints_picks(tmp_path):
+    """Scored every window by the real scorer, the kept θ is the one a brute-force loop picks:
+    the same meta-training stopped after 1, 2, 3, 4 windows (each stage resuming from the
+    previous stage's Orbax checkpoint), each checkpoint's θ scored afresh, the argmax taken."""
+    config = exp1.get_config("smoke")
+    config.meta.validate_every, config.meta.validate_seeds = 1, 2
+    config.meta.validate_steps, config.meta.max_windows = 4, 4
+    config.meta.episodes = 1000  # The window budget, not the episodes, ends the run.
+    task_a, meta_plan, mean, std = transfer.load(config)
+    from l2r import pretrain
+    from l2r.models import registry as model_registry
+
+    model = model_registry.from_config(config.model)
+    data_a = transfer.training.to_device(task_a, mean, std)
+    nets, _, _ = pretrain.pretrained_networks(config, model, data_a, str(tmp_path / "pre"))
+    held = validation.carve(config, task_a, meta_plan.meta_train)
+    scorer = validation.Scorer(config, model, nets, held, mean, std)
+    data_b = transfer.training.to_device(held.meta_train, mean, std)
+
+    def new_run():
+        return loop.MetaRun(config, model, episodes.two_tasks(config, model, nets, data_a,
+                                                              data_b))  # fmt: skip
+
+    run = new_run()
+    _, _, history = loop.meta_train(config, model, None, None, None, str(tmp_path / "a"),
+                                    run=run, validate=scorer)  # fmt: skip
+    assert history["validation_window"] == [1, 2, 3, 4]
+
+    thetas, scores = [], []
+    for windows in range(1, 5):
+        stage = config.copy_and_resolve_references()
+        stage.meta.max_windows = windows
+        _, state, _ = loop.meta_train(stage, model, None, None, None, str(tmp_path / "b"),
+                                      run=new_run())  # fmt: skip
+        assert int(state.window) == windows
+        thetas.append(state.theta)
+        scores.append(scorer(run.ml, state.theta, run.lr))
+    np.testing.assert_allclose(history["validation_score"], scores, rtol=1e-6)
+    chex.assert_trees_all_close(run.best_theta, thetas[int(np.argmax(scores))])
