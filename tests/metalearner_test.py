@@ -88,6 +88,37 @@ def test_exp_gate_starts_at_sgd_and_stays_positive():
         metalearner.make(params, taps, metalearner.Config(gate="relu"))
 
 
+def test_meta_log_range_sets_the_exp_gate_range():
+    """`meta.log_range` reaches the meta-learner: δ ≡ 1 at initialisation and, however
+    saturated the head (its scale still the initial r = 4), δ inside (e^-r, e^r), both ends
+    reached."""
+    from l2r.configs import exp1
+    from l2r.meta import episodes
+    from l2r.models import registry
+
+    config = exp1.get_config("smoke")
+    config.meta.gate, config.meta.log_range = "exp", 4.0
+    model = registry.from_config(config.model)
+    ml = episodes.make_metalearner(config.meta, model, (1, 8, 8, 1))
+    assert ml.config.log_range == 4.0
+    _, params, grads, taps, _ = problem("convnet")
+    ml = metalearner.make(params, taps, ml.config)
+    theta = ml.init(jax.random.key(3))
+    deltas, _ = ml.apply(theta, ml.init_state(), params, grads, taps)
+    chex.assert_trees_all_close(deltas, jax.tree.map(jnp.ones_like, params), rtol=0, atol=1e-6)
+
+    def keep_scale(path, far, init):  # The scale is learnable; keep its initial value.
+        return init if getattr(path[-1], "key", None) == "scale" else far
+
+    far = jax.tree_util.tree_map_with_path(keep_scale, perturb(theta, 4, 30.0), theta)
+    deltas, _ = ml.apply(far, ml.init_state(), params, grads, taps)
+    lo = min(float(d.min()) for d in jax.tree.leaves(deltas))
+    hi = max(float(d.max()) for d in jax.tree.leaves(deltas))
+    assert np.exp(-4.0) * (1 - 1e-5) <= lo < np.exp(-3.0) and np.exp(3.0) < hi <= np.exp(4.0) * (
+        1 + 1e-5
+    )
+
+
 def test_sizes_follow_paper():
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     params = {

@@ -151,6 +151,7 @@ def meta_config():
     c.hidden_kernel = 64  # §5.1: LSTM hidden size for conv/dense kernels,
     c.hidden_vector = 32  # and for GroupNorm scales/offsets and biases.
     c.gate = "tanh"  # tanh (§5.1, δ may turn negative) | exp (δ = exp(scale·tanh(z)) > 0)
+    c.log_range = 2.0  # exp gate: initial scale, δ ∈ (e^-log_range, e^log_range) (learnable).
     # A learned pull towards the pre-Task-B weights: w − α δ ⊙ g − ρ ⊙ (w − w0), ρ ∈ [0, pull_max],
     # ρ ≡ 0 at initialisation (l2r.metalearner.Config.pull). Not in the paper.
     c.pull = False

@@ -89,6 +89,7 @@ def make_metalearner(cfg: ml_collections.ConfigDict, model: models.Model, image_
         clip=cfg.input_clip,
         first_order=cfg.first_order,
         gate=cfg.gate,
+        log_range=cfg.get("log_range", 2.0),
         pull=cfg.get("pull", False),
         pull_max=cfg.get("pull_max", 0.05),
         history=cfg.get("history", False),
