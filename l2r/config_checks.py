@@ -179,6 +179,10 @@ def check_meta(config: ml_collections.ConfigDict) -> None:
             f"episodes end {p} at a time, so {-(-m.episodes // p) * p} would run; make "
             "meta.episodes a multiple of it.")  # fmt: skip
     require(1 <= m.tbptt <= m.tbptt_max, f"meta.tbptt={m.tbptt} must be in [1, tbptt_max].")
+    low = m.get("inner_steps_min", 0)
+    require(0 <= low <= m.inner_steps,
+            f"meta.inner_steps_min={low} must be in [0, meta.inner_steps={m.inner_steps}] (0: "
+            "every episode runs meta.inner_steps).")  # fmt: skip
     require(m.tbptt_max <= m.inner_steps,
             f"meta.tbptt_max={m.tbptt_max} is longer than an episode (meta.inner_steps="
             f"{m.inner_steps}); lower meta.tbptt_max or raise meta.inner_steps.")  # fmt: skip

@@ -49,6 +49,8 @@ def test_every_preset_passes(experiment):
         ("exp1", {"meta.checkpoint_minutes": -1.0}, "meta.checkpoint_minutes=-1.0"),
         ("exp1", {"meta.max_windows": -1}, "meta.max_windows=-1"),
         ("exp1", {"meta.tbptt": 8, "meta.tbptt_max": 8}, "meta.tbptt_max=8"),
+        ("exp1", {"meta.inner_steps_min": 7}, "meta.inner_steps_min=7"),
+        ("exp1", {"meta.inner_steps_min": -2}, "meta.inner_steps_min=-2"),
         ("exp5", {"task_b.steps_3": 0}, "task_b.steps_3=0"),
         ("exp2", {"task_b.ewc.coef": -1.0}, "task_b.ewc.coef=-1.0"),
     ],

@@ -94,3 +94,39 @@ def test_window_end_follows_algorithm_1(setup):
     new, done, restarted = end(problem.inputs, jnp.int32(2), carried, jnp.ones(2, bool), no)
     assert not np.any(done) and not np.any(restarted)
     chex.assert_trees_all_equal(new, carried)
+
+
+def test_episode_lengths_fixed_or_drawn_per_episode(setup):
+    """`meta.inner_steps_min` = 0: every episode runs `meta.inner_steps`; > 0: a length per
+    episode id, uniform on [inner_steps_min, inner_steps], the same however often it is asked."""
+    config, *_ = setup
+    cfg = config.meta.copy_and_resolve_references()
+    ids = jnp.arange(400, dtype=jnp.int32)
+    np.testing.assert_array_equal(episodes.episode_lengths(cfg, 0, ids), cfg.inner_steps)
+    cfg.inner_steps, cfg.inner_steps_min = 20, 5
+    lengths = np.asarray(episodes.episode_lengths(cfg, 0, ids))
+    assert lengths.min() == 5 and lengths.max() == 20  # both ends reached in 400 draws
+    counts = np.bincount(lengths, minlength=21)[5:]
+    assert counts.min() > 5, counts  # every length drawn (expected 25 each)
+    again = episodes.episode_lengths(cfg, 0, ids[::-1])
+    np.testing.assert_array_equal(np.asarray(again)[::-1], lengths)  # a function of the id
+    other = np.asarray(episodes.episode_lengths(cfg, 1, ids))
+    assert not np.array_equal(other, lengths)  # and of the seed
+
+
+def test_window_end_with_random_lengths_ends_each_episode_at_its_own(setup):
+    """An alive episode is done exactly when its step count reaches its own length."""
+    config, model, pretrained, data_a, data_b, _ = setup
+    config = config.copy_and_resolve_references()
+    config.meta.inner_steps, config.meta.inner_steps_min = 30, 2
+    problem = episodes.two_tasks(config, model, pretrained, data_a, data_b)
+    ids = jnp.arange(6, dtype=jnp.int32)
+    lengths = np.asarray(episodes.episode_lengths(config.meta, config.seed, ids))
+    assert len(set(lengths.tolist())) > 1, lengths
+    eps = problem.fresh(problem.inputs, ids)
+    alive, no = jnp.ones(6, bool), jnp.zeros(6, bool)
+    for offset in (-1, 0):
+        carried = eps._replace(step=jnp.asarray(lengths + offset, jnp.int32))
+        _, done, restarted = problem.window_end(problem.inputs, jnp.int32(6), carried, alive, no)
+        np.testing.assert_array_equal(done, offset == 0)
+        assert not np.any(restarted)

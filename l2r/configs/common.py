@@ -135,6 +135,7 @@ def meta_config():
     c.shard_episodes = True  # Split episodes over all devices (a no-op on one device).
     c.episode_chunk = 0  # Episodes vmapped together (0: 1 on CPU, all on accelerators).
     c.inner_steps = 500  # T(i): an episode restarts after this many inner steps at the latest.
+    c.inner_steps_min = 0  # > 0: each episode's length uniform on [this, inner_steps] (by id).
     c.learning_rate = 1e-3  # §3: Adam, η = 1e-3.
     c.clip_grad_norm = 1.0  # Global-norm clip of the meta-gradient (not in the paper).
     c.loss_scale = 300.0  # §3: c = 300 (Exp 5: 200).

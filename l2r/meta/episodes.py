@@ -119,6 +119,21 @@ def gather_b(inp: Inputs, idx_B, classes):
     return x, jnp.argmax(y[:, None] == classes[None, :], axis=1).astype(jnp.int32)
 
 
+def episode_lengths(cfg: ml_collections.ConfigDict, seed: int, ids):
+    """Inner steps each episode runs at most, int32 [E] for episode ids [E].
+
+    `meta.inner_steps` for all; with `meta.inner_steps_min` > 0, each episode's own length,
+    uniform on [inner_steps_min, inner_steps] and fixed by its id, so that meta-training sees
+    students at every distance from w0 up to the horizon the rule is meant to hold for.
+    """
+    low = cfg.get("inner_steps_min", 0)
+    if not low:
+        return jnp.full(ids.shape, cfg.inner_steps, jnp.int32)
+    key = rng.key_for(seed, "episode_length")
+    draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (), low, cfg.inner_steps + 1)  # noqa: E731
+    return jax.vmap(draw)(ids).astype(jnp.int32)
+
+
 def examples_by_class(labels) -> list[np.ndarray]:
     """Host-side: the indices of each class's examples in `labels` [N]."""
     labels = np.asarray(labels)
@@ -181,9 +196,10 @@ def two_tasks(config, model: models.Model, pretrained, data_a, data_b, class_tab
 
     def window_end(inp: Inputs, episodes_started, carried: Episodes, alive, diverged):
         # Algorithm 1, line 25: an episode over the threshold restarts from w0, as does one that
-        # reached `meta.inner_steps`; a diverged one restarts like any other that is not alive.
+        # reached its length (`episode_lengths`); a diverged one restarts like any other that is
+        # not alive.
         del diverged
-        done = (~alive) | (carried.step >= cfg.inner_steps)
+        done = (~alive) | (carried.step >= episode_lengths(cfg, seed, carried.id))
         ids = next_ids(episodes_started, done, carried.id)
         return where_episodes(done, fresh(inp, ids), carried), done, ~alive
 

@@ -5,8 +5,8 @@ D_A = Task 1, D_B = Task 2. Phase 1: the student learns Task 3 (its own fresh he
 phase 0 left it: student weights, LSTM state and teacher are all kept; D_A = Task 1 ∪ Task 2,
 D_B = Task 3; the loss threshold is the curriculum's plus `meta.switch_threshold_step` (§5.6:
 +5). An episode switches when its loss exceeds the threshold or after `meta.inner_steps` steps on
-Task 2, and restarts when phase 1's loss exceeds its threshold, after `meta.inner_steps` steps on
-Task 3, or when it diverges; both happen at window ends. Departures: the paper gives no step
+Task 2 (or its own length, `meta.inner_steps_min`), and restarts when phase 1's loss exceeds its
+threshold, after as many steps on Task 3, or when it diverges; both happen at window ends. Departures: the paper gives no step
 limit for the phases (`meta.inner_steps` caps each); the teacher's A batch in phase 1 is half
 Task 1, half Task 2 (Algorithm 1 says only D_1..k-1).
 """
@@ -91,7 +91,7 @@ def three_tasks(config, model: models.Model, pretrained, data_1, pool, pair_tabl
 
     def window_end(inp, episodes_started, carried: episodes.Episodes, alive, diverged):
         task = carried.task
-        phase_over = (~alive) | (carried.step >= cfg.inner_steps)
+        phase_over = (~alive) | (carried.step >= episodes.episode_lengths(cfg, seed, carried.id))
         switch = phase_over & ~diverged & (task.phase == 0)  # on to Task 3, all state kept
         done = phase_over & ~switch
         ids = episodes.next_ids(episodes_started, done, carried.id)
