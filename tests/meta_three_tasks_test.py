@@ -12,7 +12,7 @@ from smoke_setup import make_model
 from l2r import pretrain, training
 from l2r.configs import exp5
 from l2r.data import plan
-from l2r.meta import loop, three_tasks
+from l2r.meta import episodes, loop, three_tasks
 from l2r.methods import Batch, make_teacher
 from l2r.methods.learned import student_step
 from l2r.methods.multitask import HEADS, swap_heads
@@ -188,3 +188,23 @@ def test_meta_training_is_deterministic_and_resumes(setup, tmp_path):
     chex.assert_trees_all_close(resumed.theta, straight.theta, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_equal(resumed.episodes.task, straight.episodes.task)
     assert resumed_history["switches"] == history["switches"]
+
+
+def test_random_lengths_switch_each_episode_at_its_own(setup):
+    """With `meta.inner_steps_min`, an alive episode switches to Task 3 exactly when its steps
+    on Task 2 reach its own length (`episodes.episode_lengths`)."""
+    config, seq, model, data_1, pool, problem = setup
+    config = config.copy_and_resolve_references()
+    config.meta.num_episodes_parallel = 4
+    config.meta.inner_steps, config.meta.inner_steps_min = 40, 2
+    problem = three_tasks.three_tasks(config, model, problem.inputs.pretrained, data_1, pool,
+                                      seq.pair_table)  # fmt: skip
+    eps = _fresh(problem, 4)
+    lengths = np.asarray(episodes.episode_lengths(config.meta, config.seed, eps.id))
+    assert len(set(lengths.tolist())) > 1, lengths
+    alive, no = jnp.ones(4, bool), jnp.zeros(4, bool)
+    for offset in (-1, 0):
+        carried = eps._replace(step=jnp.asarray(lengths + offset, jnp.int32))
+        new, done, _ = problem.window_end(problem.inputs, jnp.int32(4), carried, alive, no)
+        assert not np.any(done)
+        np.testing.assert_array_equal(new.task.phase, int(offset == 0))
