@@ -43,6 +43,20 @@ def test_help_lists_every_experiment_and_its_presets():
     assert "--dry_run" in out.stdout and "--workdir" in out.stdout
 
 
+@pytest.mark.parametrize("module, first_line, own_flag", [
+    ("experiments.validate", "Every method of an experiment at hyper-parameters selected",
+     "--sgd_scales"),
+    ("experiments.sweep", "Sweeps config fields", "--select"),
+])  # fmt: skip
+def test_each_command_helps_with_its_own_text_and_flags(module, first_line, own_flag):
+    """`l2r-validate --help` and `l2r-sweep --help` describe themselves, not `l2r-run`, and
+    list their own flags beside the shared ones."""
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.startswith(first_line), out.stdout[:200]
+    assert own_flag in out.stdout and "--workdir" in out.stdout and "--config" in out.stdout
+
+
 def test_console_script_dry_run_from_an_empty_folder(tmp_path):
     """`l2r-run` (installed by `pip install -e .`) works outside the checkout; --dry_run shows
     the resolved config and the stages and runs none of them."""

@@ -150,18 +150,25 @@ def flag_error(e: BaseException, argv: list[str]) -> str:
     return lines[0] if lines else type(root).__name__
 
 
-def usage(program: str) -> str:
-    """The `--help` text: this module's docstring, then its flags (`--config` lists the
+def usage(program: str, module=None) -> str:
+    """The `--help` text of the command whose module is `module` (None: this one): its
+    docstring, then its own flags and the ones it shares with `l2r-run` (`--config` lists the
     experiments and their presets)."""
-    module = sys.modules[__name__]
-    return f"{module.__doc__.strip()}\n\nFlags:\n{FLAGS.module_help(module)}"
+    del program
+    this = sys.modules[__name__]
+    module = module or this
+    text = f"{module.__doc__.strip()}\n\nFlags:\n"
+    if module is not this:
+        text += FLAGS.module_help(module) + "\n\n"
+    return text + FLAGS.module_help(this)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every refusal reported in one line (exit status 2)."""
+def parse_flags(argv: list[str], module=None) -> list[str]:
+    """absl's flag parsing, with every refusal reported in one line (exit status 2); `--help`
+    prints `module`'s usage (None: `l2r-run`'s)."""
     argv = resolve_config_path(argv)
     if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
-        print(usage(argv[0]))
+        print(usage(argv[0], module))
         sys.exit(0)
     try:
         rest = FLAGS(argv)

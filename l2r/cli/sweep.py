@@ -30,6 +30,7 @@ for the same config) are not run again. `--overwrite` reruns them all.
 
 import copy
 import difflib
+import functools
 import importlib
 import itertools
 import json
@@ -523,7 +524,8 @@ def run_main(argv):
 
 def main() -> None:
     """The console script: parses the command line and runs."""
-    app.run(run_main, flags_parser=run_lib.parse_flags)
+    app.run(run_main, flags_parser=functools.partial(run_lib.parse_flags,
+                                                       module=sys.modules[__name__]))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ interrupted run resumes: finished settings and runs are reused.
 """
 
 import copy
+import functools
 import os
 import re
 import sys
@@ -235,7 +236,8 @@ def run_main(argv):
 
 def main() -> None:
     """The console script: parses the command line and runs."""
-    app.run(run_main, flags_parser=run_lib.parse_flags)
+    app.run(run_main, flags_parser=functools.partial(run_lib.parse_flags,
+                                                       module=sys.modules[__name__]))
 
 
 if __name__ == "__main__":
