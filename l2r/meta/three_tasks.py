@@ -1,14 +1,14 @@
 """Algorithm 1 with three tasks (Exp 5, paper §5.6): the episodes, built around the two-task ones.
 
-Phase 0: the student learns Task 2 through the meta-learner; the teacher learns D_A ∪ D_B with
-D_A = Task 1, D_B = Task 2. Phase 1: the student learns Task 3 (its own fresh head) from where
-phase 0 left it: student weights, LSTM state and teacher are all kept; D_A = Task 1 ∪ Task 2,
-D_B = Task 3; the loss threshold is the curriculum's plus `meta.switch_threshold_step` (§5.6:
-+5). An episode switches when its loss exceeds the threshold or after `meta.inner_steps` steps on
-Task 2 (or its own length, `meta.inner_steps_min`), and restarts when phase 1's loss exceeds its
-threshold, after as many steps on Task 3, or when it diverges; both happen at window ends. Departures: the paper gives no step
-limit for the phases (`meta.inner_steps` caps each); the teacher's A batch in phase 1 is half
-Task 1, half Task 2 (Algorithm 1 says only D_1..k-1).
+Phase 0: the student learns Task 2 through the meta-learner; the teacher learns D_A ∪ D_B with D_A
+= Task 1, D_B = Task 2. Phase 1: the student learns Task 3 (its own fresh head) from where phase 0
+left it: student weights, LSTM state and teacher are all kept; D_A = Task 1 ∪ Task 2, D_B = Task 3;
+the loss threshold is the curriculum's plus `meta.switch_threshold_step` (§5.6: +5). An episode
+switches when its loss exceeds the threshold or after `meta.inner_steps` steps on Task 2 (or its
+own length, `meta.inner_steps_min`), and restarts when phase 1's loss exceeds its threshold, after
+as many steps on Task 3, or when it diverges; both happen at window ends. Departures: the paper
+gives no step limit for the phases (`meta.inner_steps` caps each); the teacher's A batch in phase 1
+is half Task 1, half Task 2 (Algorithm 1 says only D_1..k-1).
 """
 
 from typing import NamedTuple
