@@ -118,6 +118,11 @@ def test_exp5_smoke_runs_every_method_on_three_tasks(tmp_path):
     assert results["switch_step"] == b.steps_2
 
 
+def _read(*parts):
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
 def test_goldens_of_two_cpu_kinds_differ_by_rounding_only():
     """The AVX2 goldens (`tests/golden/`) and those of each other recorded CPU kind, same code:
     unequal to 1e-6, equal within `LOOSE`; and `LOOSE` still sees a change of a few test
@@ -126,21 +131,15 @@ def test_goldens_of_two_cpu_kinds_differ_by_rounding_only():
     assert kinds, "no goldens of a second CPU kind"
     for kind in kinds:
         for file in sorted(os.listdir(os.path.join(golden_numbers.KINDS_DIR, kind))):
-            name = file.removesuffix(".json")
-            with open(os.path.join(golden_numbers.KINDS_DIR, kind, file)) as f:
-                other = json.load(f)
-            with open(os.path.join(golden_numbers.GOLDEN_DIR, file)) as f:
-                base = json.load(f)
-            assert list(other) == list(base), name
-            assert golden_numbers.differences(base, other, loose=True) == [], (kind, name)
-    base = json.load(open(os.path.join(golden_numbers.GOLDEN_DIR, "exp1_smoke_all.json")))
-    strict = golden_numbers.differences(base, other_kind := json.load(open(os.path.join(
-        golden_numbers.KINDS_DIR, kinds[0], "exp1_smoke_all.json"))))  # fmt: skip
-    assert strict, "the two kinds round alike: no need for two"
+            base = _read(golden_numbers.GOLDEN_DIR, file)
+            other = _read(golden_numbers.KINDS_DIR, kind, file)
+            assert list(other) == list(base), (kind, file)
+            assert golden_numbers.differences(base, other, loose=True) == [], (kind, file)
+    base = _read(golden_numbers.GOLDEN_DIR, "exp1_smoke_all.json")
+    other = _read(golden_numbers.KINDS_DIR, kinds[0], "exp1_smoke_all.json")
+    assert golden_numbers.differences(base, other), "the two kinds round alike: no need for two"
     for key, change in (("sgd/readout_A", 0.03), ("learned/loss", 0.03), ("meta/loss", 0.03)):
-        moved = dict(other_kind)
-        values = np.asarray(other_kind[key], np.float64)
-        moved[key] = (values + change if "readout" in key else values * (1 + change)).tolist()
-        assert [d.split(":")[0] for d in golden_numbers.differences(base, moved, loose=True)] == [
-            key
-        ], key
+        values = np.asarray(other[key], np.float64)
+        moved = {**other, key: (values + change if "readout" in key else values * (1 + change))}
+        found = golden_numbers.differences(base, moved, loose=True)
+        assert [d.split(":")[0] for d in found] == [key], key

@@ -131,7 +131,7 @@ def episode_lengths(cfg: ml_collections.ConfigDict, seed: int, ids):
         return jnp.full(ids.shape, cfg.inner_steps, jnp.int32)
     key = rng.key_for(seed, "episode_length")
     draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (), low, cfg.inner_steps + 1)  # noqa: E731
-    return jax.vmap(draw)(ids).astype(jnp.int32)
+    return jax.vmap(draw)(ids)
 
 
 def examples_by_class(labels) -> list[np.ndarray]:
