@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from l2r import checkpoint, models, probe, rng, task_b, tracking, training
+from l2r import checkpoint, histories, models, probe, rng, task_b, tracking, training
 from l2r.config_checks import ConfigError
 from l2r.data import tasks
 from l2r.methods.base import Method
@@ -140,7 +140,7 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
       shard_seeds: split the seeds over every device of every process when they divide
         evenly; otherwise every process runs them all on its first device.
       cache_dir: where each method's histories are saved as `<name>-<key>.npz`
-        (`task_b.history_key`) and reused by a later call with the same key.
+        (`histories.history_key`) and reused by a later call with the same key.
       writers: each method's probes stream to its run `<run_prefix>/<name>` of these as they
         are measured (a reused method's, when it is read); `tracking.writers(workdir)`.
 
@@ -223,7 +223,7 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
             probe_s += time.time() - t1
         return initial
 
-    histories, train_times, reused, layer_cka = {}, {}, [], {}
+    method_histories, train_times, reused, layer_cka = {}, {}, [], {}
     probe_steps = list(range(0, sum(steps) + 1, config.task_b.probe_every))
     if cache_dir is not None:
         splits = [(t.train.images, t.train.labels, t.test.images, t.test.labels)
@@ -238,11 +238,13 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
         own = name in starts or per_phase[0].represent is not None
         path = key = None
         if cache_dir is not None:
-            key = task_b.history_key(config, per_phase, starts.get(name, pretrained), data_digest)
+            key = histories.history_key(
+                config, per_phase, starts.get(name, pretrained), data_digest
+            )
             path = os.path.join(cache_dir, f"{name}-{key}.npz")
         run_phases = [task_b.Phase(m, *p) for m, p in zip(per_phase, phases, strict=True)]
         is_teacher, vs_teacher = with_teacher and name == TEACHER, with_teacher and name != TEACHER
-        found = task_b.load_history(path)
+        found = histories.load_history(path)
         if found is not None and layers:
             kept = found.layers
             stale = ("to_pretrained" not in kept or (is_teacher and "reps" not in kept)
@@ -261,13 +263,13 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
             saved = dict(run.layers)
             if vs_teacher and teacher_key is not None:
                 saved["teacher_key"] = teacher_key
-            task_b.save_history(path, run.history, run.train_s, run.probe_s, saved)
+            histories.save_history(path, run.history, run.train_s, run.probe_s, saved)
             probe_s += run.probe_s
         else:
             run = found
             tracking.write_history(writer, probe_steps, run.history)
             reused.append(name)
-        histories[name] = run.history
+        method_histories[name] = run.history
         train_times[name] = run.train_s
         if layers:
             refs = LAYER_REFERENCES if vs_teacher else LAYER_REFERENCES[:1]
@@ -279,7 +281,7 @@ def compare(config, model, pretrained, task_list, mean, std, methods, starts=Non
     out = {
         "steps": probe_steps,
         "seeds": list(range(s)),
-        "methods": {n: histories[n] for n in display},
+        "methods": {n: method_histories[n] for n in display},
         "timing": {
             "task_b_s": {n: train_times[n] for n in display},
             "probe_s": probe_s,

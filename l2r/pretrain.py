@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from l2r import checkpoint, keys, models, report, rng, training
+from l2r import checkpoint, console, keys, models, rng, training
 from l2r.data import stream
 from l2r.models import registry as model_registry
 
@@ -121,7 +121,7 @@ def _train(config, model, task, seeds, ckpt_ids):
         cfg.steps,
         training.CHUNK_STEPS,
         lambda start, stop: (idx[:, start:stop], training.slice_steps(aug, start, stop)),
-        progress=report.Progress(cfg.steps, f"pretrain x{len(seeds)}"),
+        progress=console.Progress(cfg.steps, f"pretrain x{len(seeds)}"),
         on_chunk=lambda stop, carry, loss: {"loss": float(loss.mean())},
     )
 

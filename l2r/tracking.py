@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 from absl import logging as absl_logging
 
-from l2r import distributed
+from l2r import console, distributed
 
 LOG_FILE = "log.txt"
 TB_DIR = "tb"
@@ -295,11 +295,10 @@ class Stages:
 
     def begin(self, stage: str) -> str:
         """Logs and returns the line that `stage` (one of the stages) begins."""
-        from l2r.report import _format_duration  # report imports matplotlib: lazily.
 
         i = self.stages.index(stage) + 1
         line = f"[{self.name}] stage {i}/{len(self.stages)}: {stage}"
         if i > 1:
-            line += f" (after {_format_duration(self._clock() - self._t0)})"
+            line += f" (after {console.format_duration(self._clock() - self._t0)})"
         absl_logging.info("%s", line)
         return line

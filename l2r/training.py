@@ -122,7 +122,7 @@ def run_chunked(
       chunk_steps: steps per call of `advance`.
       xs_for: (start, stop) -> the scanned inputs of steps [start, stop) (slices of host-side
         index streams, step numbers), made just before their chunk runs.
-      progress: a `report.Progress` updated after every chunk, at `offset + stop`, with the
+      progress: a `console.Progress` updated after every chunk, at `offset + stop`, with the
         metrics `on_chunk` returns; None: no progress line.
       on_chunk: (stop, carry, out) -> {name: float} or None, called after every chunk and
         before the next one starts: a probe of the carry goes here; what it returns goes on the

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from absl import logging
 
-from l2r import checkpoint, task_b
+from l2r import checkpoint, histories
 from l2r.meta import loop
 
 
@@ -117,13 +117,13 @@ def test_cached_networks_recompute_only_the_damaged_one(tmp_path, caplog):
 def test_a_damaged_task_b_cache_is_recomputed(tmp_path, damage, caplog):
     path = str(tmp_path / "task_b" / "sgd-0123.npz")
     history = {"readout_A": np.random.default_rng(0).random((2, 5)), "loss": np.ones((2, 5))}
-    task_b.save_history(path, history, 3.0, 1.0)
-    loaded, train_s, probe_s, _ = task_b.load_history(path)
+    histories.save_history(path, history, 3.0, 1.0)
+    loaded, train_s, probe_s, _ = histories.load_history(path)
     chex.assert_trees_all_equal(loaded, history)
     assert (train_s, probe_s) == (3.0, 1.0)
     damage(path)
     caplog.set_level(logging.WARNING, logger="absl")
-    assert task_b.load_history(path) is None
+    assert histories.load_history(path) is None
     assert not os.path.exists(path)  # Discarded: the rerun writes it anew.
     assert sum("Damaged Task-B cache" in r.getMessage() for r in caplog.records) == 1
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from l2r import config_checks, models, task_b
+from l2r import config_checks, histories, models
 from l2r.configs import fig1
 from l2r.methods import groups, registry
 from l2r.models import registry as model_registry
@@ -96,7 +96,7 @@ def test_importing_the_examples_registers_them_and_changes_no_built_in_key(fresh
     built_ins = ("sgd", "teacher", "lwf", "ewc", "hat")
 
     def keys(config, names=built_ins):
-        return [task_b.history_key(config, [registry.build(n, model, config.task_b)], start, "d")
+        return [histories.history_key(config, [registry.build(n, model, config.task_b)], start, "d")
                 for n in names]  # fmt: skip
 
     old = keys(before)
@@ -122,8 +122,8 @@ def test_importing_the_examples_registers_them_and_changes_no_built_in_key(fresh
     assert keys(after, ("l2_pull",)) != [pull] and keys(after) == old
     # The user's file is part of the key: its source is read, as l2r's modules' are.
     method = registry.build("l2_pull", model, after.task_b)
-    assert task_b.method_modules([method]) == []
-    assert set(task_b.user_code([method])) == {"my_method"}
+    assert histories.method_modules([method]) == []
+    assert set(histories.user_code([method])) == {"my_method"}
 
 
 def test_a_taken_method_name_is_refused(fresh_registries):

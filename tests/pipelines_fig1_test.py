@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from l2r import metalearner, models, task_b
+from l2r import histories, metalearner, models
 from l2r import workdir as workdir_lib
 from l2r.config_checks import ConfigError
 from l2r.configs import fig1
@@ -116,10 +116,10 @@ def test_cache_key_follows_the_start_the_data_and_the_learned_rule():
     model = models.make_model("convnet", widths=(4,), groups=2, hidden=4)
     start = {"w": np.zeros(3, np.float32)}
     sgd = make_sgd(model, 0.1, "sgd")
-    key = task_b.history_key(config, [sgd], start, "data")
-    assert key == task_b.history_key(config, [sgd], start, "data")
-    assert key != task_b.history_key(config, [sgd], {"w": np.ones(3, np.float32)}, "data")
-    assert key != task_b.history_key(config, [sgd], start, "other data")
+    key = histories.history_key(config, [sgd], start, "data")
+    assert key == histories.history_key(config, [sgd], start, "data")
+    assert key != histories.history_key(config, [sgd], {"w": np.ones(3, np.float32)}, "data")
+    assert key != histories.history_key(config, [sgd], start, "other data")
     # The learned rule: another θ, learning rate or gate is another key.
     params = model.init(jax.random.key(0), (1, 8, 8, 1))
     x = np.zeros((2, 8, 8, 1), np.float32)
@@ -133,12 +133,12 @@ def test_cache_key_follows_the_start_the_data_and_the_learned_rule():
         make_learned(model, metalearner.make(params, taps, metalearner.Config(gate="exp")),
                      theta, 0.1),
     ]  # fmt: skip
-    assert len({task_b.history_key(config, [m], start, "data") for m in learned}) == 4
+    assert len({histories.history_key(config, [m], start, "data") for m in learned}) == 4
     # A baseline's own subgroup is in its key only: EWC's coefficient leaves SGD's key alone.
     other = smoke_config(**{"task_b.ewc.coef": 10.0, "task_b.cache_dir": "/elsewhere"})
     ewc = make_method("ewc", model, config.task_b)
-    assert task_b.history_key(other, [sgd], start, "data") == key
-    assert task_b.history_key(other, [ewc], start, "data") != task_b.history_key(
+    assert histories.history_key(other, [sgd], start, "data") == key
+    assert histories.history_key(other, [ewc], start, "data") != histories.history_key(
         config, [ewc], start, "data"
     )
 

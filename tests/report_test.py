@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from l2r import plots, report
+from l2r import console, plots, report
 from l2r import workdir as workdir_lib
 
 METHODS = ("sgd", "sgd_x0.1", "teacher")
@@ -234,7 +234,7 @@ class FakeClock:
 def test_progress_rate_eta_and_throttling(caplog):
     caplog.set_level(logging.INFO, logger="absl")
     clock = FakeClock()
-    progress = report.Progress(500, "task_b", interval_s=10.0, clock=clock)
+    progress = console.Progress(500, "task_b", interval_s=10.0, clock=clock)
     clock.now += 5.0
     assert progress.update(10) is None  # Throttled: under interval_s since construction.
     # The rate leaves out the first interval (compilation): 105 steps in 35 s, 385 left.
@@ -250,7 +250,7 @@ def test_progress_rate_eta_and_throttling(caplog):
 
 def test_progress_excludes_resumed_work_from_rate():
     clock = FakeClock()
-    progress = report.Progress(
+    progress = console.Progress(
         1000, "meta", interval_s=0.0, clock=clock, unit="episodes", start=400
     )
     clock.now += 50.0  # The first window: compilation, left out of the rate.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2r import keys, models, task_b, training
+from l2r import histories, keys, models, task_b, training
 from l2r.configs import fig1
 from l2r.data import sources, tasks
 from l2r.methods import Batch, make_method, registry
@@ -131,7 +131,7 @@ def test_kernel_scaled_sgd_slows_only_the_kernels(setup):
 def test_saved_histories_round_trip_and_a_killed_save_leaves_no_file(tmp_path, monkeypatch):
     history = {"readout_A": np.arange(6, dtype=np.float32).reshape(2, 3), "loss": np.ones((2, 3))}
     path = str(tmp_path / "task_b" / "sgd-key.npz")
-    assert task_b.load_history(path) is None and task_b.load_history(None) is None
+    assert histories.load_history(path) is None and histories.load_history(None) is None
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # a run stopped while saving
@@ -139,14 +139,14 @@ def test_saved_histories_round_trip_and_a_killed_save_leaves_no_file(tmp_path, m
     with monkeypatch.context() as m:
         m.setattr(np, "savez", killed)
         with pytest.raises(KeyboardInterrupt):
-            task_b.save_history(path, history, 3.0, 1.0)
-    assert task_b.load_history(path) is None  # only the temporary file was written
-    task_b.save_history(path, history, 3.0, 1.0)
-    again, train_s, probe_s, layers = task_b.load_history(path)
+            histories.save_history(path, history, 3.0, 1.0)
+    assert histories.load_history(path) is None  # only the temporary file was written
+    histories.save_history(path, history, 3.0, 1.0)
+    again, train_s, probe_s, layers = histories.load_history(path)
     assert (train_s, probe_s) == (3.0, 1.0)
     chex.assert_trees_all_equal(again, history)
     assert layers == {}  # saved without per-layer CKA
-    task_b.save_history(None, history, 3.0, 1.0)  # no cache directory: nothing written
+    histories.save_history(None, history, 3.0, 1.0)  # no cache directory: nothing written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,18 +304,18 @@ def test_an_added_method_file_changes_no_cache_key(tmp_path, monkeypatch):
     names = ("sgd", "sgd_x0.1", "teacher", "lwf", "ewc", "hat")
     methods = [[make_method(n, model, config.task_b)] for n in names]
     start = {"w": np.zeros(3, np.float32)}
-    before = [task_b.history_key(config, m, start, "data") for m in methods]
+    before = [histories.history_key(config, m, start, "data") for m in methods]
     # A copy of the package with one more method file, and one with sgd.py edited.
     root = tmp_path / "l2r"
     shutil.copytree(keys._ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(keys, "_ROOT", root)
     keys._closure.cache_clear()
     (root / "methods" / "mine.py").write_text("from l2r.methods import base\n\nX = 1\n")
-    assert [task_b.history_key(config, m, start, "data") for m in methods] == before
+    assert [histories.history_key(config, m, start, "data") for m in methods] == before
     with open(root / "methods" / "sgd.py", "a") as f:
         f.write("\n# an edit\n")
     keys._closure.cache_clear()
-    after = [task_b.history_key(config, m, start, "data") for m in methods]
+    after = [histories.history_key(config, m, start, "data") for m in methods]
     changed = {n for n, b, a in zip(names, before, after, strict=True) if a != b}
     assert changed == {"sgd", "sgd_x0.1", "teacher"}  # the methods defined in sgd.py
     keys._closure.cache_clear()

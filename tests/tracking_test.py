@@ -16,7 +16,7 @@ from absl import logging as absl_logging
 from report_test import FakeClock, _read_events
 from smoke_setup import tiny
 
-from l2r import compare, distributed, report, task_b, tracking
+from l2r import compare, console, distributed, report, task_b, tracking
 from l2r.meta import episodes, loop
 from l2r.methods import make_method
 
@@ -125,7 +125,7 @@ def test_provenance_without_git_says_none(tmp_path, monkeypatch):
 def test_progress_eta_leaves_compilation_out(caplog):
     caplog.set_level(logging.INFO, logger="absl")
     clock = FakeClock()
-    progress = report.Progress(100, "task_b", interval_s=0.0, clock=clock)
+    progress = console.Progress(100, "task_b", interval_s=0.0, clock=clock)
     clock.now += 60.0  # The first chunk: 10 steps, and a minute of compilation.
     assert progress.update(10) == "[task_b] 10/100 (10%) ? steps/s, ETA ?"
     clock.now += 9.0  # Compiled: 1 step/s; the first minute would have made it 0.29.

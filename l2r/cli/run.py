@@ -229,7 +229,7 @@ def run_main(argv):
 
 def dry_run(config, workdir: str, pipeline, data) -> str:
     """The resolved config and the stages of the run, with what is cached of them."""
-    from l2r import pretrain, task_b, training  # Here: --help needs none of them.
+    from l2r import histories, pretrain, training  # Here: --help needs none of them.
 
     task, mean, std = pipeline.first_task(data)
     cfg = config.pretrain
@@ -237,8 +237,8 @@ def dry_run(config, workdir: str, pipeline, data) -> str:
     root = os.path.join(cfg.dir or os.path.join(workdir, "pretrain"), key)
     done = sum(os.path.exists(os.path.join(root, f"ckpt_{i}", "l2r_meta.json"))
                for i in range(cfg.num_checkpoints))  # fmt: skip
-    cache = task_b.cache_dir(config, workdir)
-    histories = len(os.listdir(cache)) if os.path.isdir(cache) else 0
+    cache = histories.cache_dir(config, workdir)
+    cached = len(os.listdir(cache)) if os.path.isdir(cache) else 0
     methods = ", ".join(config.task_b.methods)
     stages = [
         f"data: {config.data.source} {config.data.get('name') or ''} (loaded and checked)",
@@ -250,7 +250,7 @@ def dry_run(config, workdir: str, pipeline, data) -> str:
         stages.append(f"meta-training: {config.meta.episodes} episodes in {meta}/<key> "
                       f"(runs there now: {', '.join(runs) or 'none'}; the key depends on "
                       "the pre-trained networks, resumed when it matches)")  # fmt: skip
-    stages.append(f"Task B: {methods} × {config.num_seeds} seeds; {histories} histories cached "
+    stages.append(f"Task B: {methods} × {config.num_seeds} seeds; {cached} histories cached "
                   f"in {cache} (each keyed by its method, networks and data)")  # fmt: skip
     stages.append(f"report: results.md, results.json, figures and tb/ in {workdir}")
     lines = [f"{i}. {s}" for i, s in enumerate(stages, 1)]

@@ -236,8 +236,9 @@ def run_main(argv):
 
 def main() -> None:
     """The console script: parses the command line and runs."""
-    app.run(run_main, flags_parser=functools.partial(run_lib.parse_flags,
-                                                       module=sys.modules[__name__]))
+    app.run(
+        run_main, flags_parser=functools.partial(run_lib.parse_flags, module=sys.modules[__name__])
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from l2r import checkpoint, distributed, keys, models, report, rng, tracking, training
+from l2r import checkpoint, console, distributed, keys, models, rng, tracking, training
 from l2r.meta import episodes as episodes_lib
 from l2r.meta import window as window_lib
 from l2r.meta.curriculum import curriculum, finished
@@ -259,7 +259,7 @@ def meta_train(config, model, pretrained, data_a, data_b, workdir_meta: str, epi
                 best = (max(history["validation_score"]), best_theta)
             logging.info("Meta-training run %s resumes from %s at window %d (%d episodes done).",
                          key, ckpt_dir, int(state.window), int(state.episodes_done))  # fmt: skip
-        progress = report.Progress(cfg.episodes, "meta-train", unit="episodes",
+        progress = console.Progress(cfg.episodes, "meta-train", unit="episodes",
                                    start=int(state.episodes_done))  # fmt: skip
         last_save = time.monotonic()
 

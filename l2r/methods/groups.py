@@ -1,7 +1,7 @@
 """The `task_b` config groups of the registered methods: `task_b.<method>` and its defaults.
 
 `registry.register(name, group=...)` declares them; configs add them (`add_config_groups`) and
-`l2r.task_b.history_key` keeps each method's key to its own group. The table lives apart from
+`l2r.histories.history_key` keeps each method's key to its own group. The table lives apart from
 the registry because a cache key holds the source of every l2r module its code imports
 (`l2r.keys`): through this module, which imports nothing, a Task-B key reads no method's code
 but its own.

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from l2r import checkpoint, keys, models, pretrain, report, rng, training
+from l2r import checkpoint, console, keys, models, pretrain, rng, training
 from l2r.data import stream
 from l2r.methods.base import Batch, Method
 
@@ -337,7 +337,7 @@ def _train_hat(config, model, task, seeds, ckpt_ids):
             training.slice_steps(aug, start, stop),
             jnp.arange(start, stop),
         ),
-        progress=report.Progress(cfg.steps, f"pretrain HAT x{len(seeds)}"),
+        progress=console.Progress(cfg.steps, f"pretrain HAT x{len(seeds)}"),
         on_chunk=lambda stop, carry, loss: {"loss": float(loss.mean())},
     )
 

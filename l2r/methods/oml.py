@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from l2r import checkpoint, keys, models, report, training
+from l2r import checkpoint, console, keys, models, training
 
 
 def adapt_readout(head: dict, h_TBD: jax.Array, y_TB: jax.Array, learning_rate: float):
@@ -204,7 +204,7 @@ def meta_train_oml(
             cfg.outer_steps,
             training.CHUNK_STEPS,
             lambda start, stop: jnp.arange(start, stop),
-            progress=report.Progress(cfg.outer_steps, f"oml x{len(net_keys)}"),
+            progress=console.Progress(cfg.outer_steps, f"oml x{len(net_keys)}"),
             on_chunk=lambda stop, carry, loss: {"query_loss": float(loss[:, -1].mean())},
         )
         return backbones, np.concatenate([np.asarray(loss) for loss in losses], axis=1)

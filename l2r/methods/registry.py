@@ -20,7 +20,7 @@ A method with hyper-parameters of its own registers them as its config group, wi
 
 Every experiment config gets the groups registered when it is built (`add_config_groups`, so
 `--config.task_b.mine.coef=0.1` works), and a method's cache key holds its own group and none
-of the others' (`l2r.task_b.history_key`), so a new method changes no existing key.
+of the others' (`l2r.histories.history_key`), so a new method changes no existing key.
 """
 
 import re

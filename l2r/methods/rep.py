@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from l2r import checkpoint, keys, models, pretrain, report, rng, training
+from l2r import checkpoint, console, keys, models, pretrain, rng, training
 from l2r.data import stream
 
 
@@ -130,7 +130,7 @@ def train_joint(config, model, data_a, data_meta, seeds, ckpt_ids):
             idx_m[:, start:stop],
             training.slice_steps(aug, start, stop),
         ),
-        progress=report.Progress(cfg.steps, f"rep pretrain x{len(seeds)}"),
+        progress=console.Progress(cfg.steps, f"rep pretrain x{len(seeds)}"),
         on_chunk=lambda stop, carry, loss: {"loss": float(loss.mean())},
     )
 

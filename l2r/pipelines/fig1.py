@@ -13,7 +13,16 @@ import time
 import ml_collections
 from absl import logging
 
-from l2r import compare, config_checks, divergence, pretrain, report, task_b, tracking, training
+from l2r import (
+    compare,
+    config_checks,
+    divergence,
+    histories,
+    pretrain,
+    report,
+    tracking,
+    training,
+)
 from l2r.data import plan
 from l2r.methods import registry
 from l2r.models import registry as model_registry
@@ -48,7 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     methods = [registry.build(n, model, config.task_b) for n in config.task_b.methods]
     stages.begin("Task B")
     compared = compare.compare(config, model, pretrained, [task_a, task_b_], mean, std, methods,
-                               starts, cache_dir=task_b.cache_dir(config, workdir),
+                               starts, cache_dir=histories.cache_dir(config, workdir),
                                writers=writers)  # fmt: skip
     writers.close()
     results = {

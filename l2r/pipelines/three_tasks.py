@@ -31,10 +31,10 @@ from l2r import (
     config_checks,
     distributed,
     divergence,
+    histories,
     plots,
     pretrain,
     report,
-    task_b,
     tracking,
     training,
 )
@@ -179,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
     context = registry.Context(rule=rule, num_classes_1=seq.task_1.num_classes)
     methods = [registry.build_sequence(n, model, config.task_b, 2, context)
                for n in config.task_b.methods]  # fmt: skip
-    parts, cache = [], task_b.cache_dir(config, workdir)
+    parts, cache = [], histories.cache_dir(config, workdir)
     for i, (task_2, task_3) in enumerate(seq.meta_test):  # Several pairs: a TensorBoard run each.
         prefix = "task_b" if len(seq.meta_test) == 1 else f"task_b/test{i}"
         parts.append(compare.compare(config, model, test_nets, [seq.task_1, task_2, task_3], mean,

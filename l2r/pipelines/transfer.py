@@ -25,9 +25,9 @@ from l2r import (
     config_checks,
     distributed,
     divergence,
+    histories,
     pretrain,
     report,
-    task_b,
     tracking,
     training,
 )
@@ -108,7 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data=None) -> dict:
                                             n_way)  # fmt: skip
     context = registry.Context(rule=rule)
     methods = [registry.build(n, model, config.task_b, context) for n in config.task_b.methods]
-    parts, cache = [], task_b.cache_dir(config, workdir)
+    parts, cache = [], histories.cache_dir(config, workdir)
     for i, task in enumerate(meta_plan.meta_test):  # Several tasks: a TensorBoard run each.
         prefix = "task_b" if len(meta_plan.meta_test) == 1 else f"task_b/test{i}"
         parts.append(compare.compare(config, model, test_nets, [task_a, task], mean, std, methods,
